@@ -8,8 +8,6 @@ positions; class labels dropped to the null label with probability 0.1 (for guid
 """
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 
 from generator.model import build_generator
 from generator.schedules import arccos_mask_ratio
+from tokenizer.schedule import warmup_cosine  # noqa: F401  (re-exported for tests)
 
 
 def mask_tokens(
@@ -48,14 +47,6 @@ def masked_token_loss(
     loss = (ce * weights).sum() / (weights.sum() + 1e-8)
     hits = ((logits.argmax(-1) == targets) & mask).sum(1) / mask.sum(1).clamp(min=1)
     return loss, hits.float().mean()
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, base_lr: float, end_lr: float) -> float:
-    """Learning rate at ``step``: linear warm-up to base_lr, then cosine down to end_lr."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return end_lr + 0.5 * (base_lr - end_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _ema_decay(num_averaged: torch.Tensor, max_decay: float) -> torch.Tensor:

@@ -41,7 +41,7 @@ def _image_folder(root: Path, size: int, per_class: int = 4) -> Path:
 def _cfg(tmp_path: Path, *overrides: str, model: dict | None = None):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "name=tiny", f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.demo=false",
+            "name=tiny", f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.builtin=null",
             "data.val_images=4", "batch_size=4", "num_workers=0", "optim.lr=3e-3", "optim.warmup_steps=5",
             "optim.ema_decay=0.9", "codebook.revive_every_n_steps=5", "checkpoint_every_n_steps=10",
             "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",

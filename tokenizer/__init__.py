@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 from tokenizer import official
+from tokenizer.assets import SHIPPED, shipped_path
 from tokenizer.checkpoints import CheckpointError, load_strict, read_own_model, read_state_dict, resolve_spec
-from tokenizer.model import TiTok
+from tokenizer.model import TiTok, fsq_codebook_size
 from tokenizer.presets import PRESETS
 
 __all__ = ["TiTok", "build_tokenizer", "load_tokenizer", "CheckpointError", "PRESETS"]
@@ -25,8 +26,12 @@ def build_tokenizer(config: dict) -> TiTok:
     unknown = set(config) - _CONFIG_KEYS
     if unknown:
         raise CheckpointError(f"unknown tokenizer config key(s): {', '.join(sorted(unknown))}")
+    config = dict(config)
+    if config.get("quantizer") == "fsq":  # both follow from the levels
+        config["codebook_size"] = fsq_codebook_size(config["fsq_levels"])
+        config["token_size"] = len(config["fsq_levels"])
     model = TiTok(**config)
-    model.config = dict(config)
+    model.config = config
     return model
 
 
@@ -41,11 +46,13 @@ def _config_from(raw: dict, source: str) -> dict:
 def _resolve(spec: str | os.PathLike) -> tuple[dict | None, Path | None, str]:
     if isinstance(spec, str) and spec in PRESETS:
         return dict(PRESETS[spec]), None, f"preset:{spec}"
+    if isinstance(spec, str) and spec in SHIPPED:
+        return None, shipped_path(spec), f"shipped:{spec}"
     resolved = resolve_spec(spec)
     if resolved is None:
         raise CheckpointError(
-            f"unknown tokenizer spec {str(spec)!r}: not a preset ({', '.join(PRESETS)}), file, directory "
-            "or Hugging Face repo id"
+            f"unknown tokenizer spec {str(spec)!r}: not a preset ({', '.join(PRESETS)}), shipped model "
+            f"({', '.join(SHIPPED)}), file, directory or Hugging Face repo id"
         )
     config = _config_from(resolved.config, resolved.source) if resolved.config is not None else None
     return config, resolved.weights, resolved.source
@@ -54,7 +61,8 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, Path | None, str]:
 def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> TiTok:
     """Build a TiTok from ``spec`` and load ``checkpoint`` strictly; returns it in eval mode.
 
-    spec: a preset name (``titok_l32``, ``titok_b64``, ``titok_s128``), an official config
+    spec: a preset name (``titok_l32``, ``titok_b64``, ``titok_s128``), a shipped model
+    (``titok_demo``: config and weights), an official config
     file (YAML or HF ``config.json``), a directory with ``config.json`` and
     ``model.safetensors``/``pytorch_model.bin``, a Hugging Face repo id, or one of our own
     ``.safetensors`` model files. checkpoint: official weights (``tokenizer_titok_l32.bin``
@@ -80,5 +88,5 @@ def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None
     model = build_tokenizer(config)
     if state_dict is not None:
         load_strict(model, state_dict, what=f"tokenizer checkpoint {weights}")
-    model.source = source if weights is None else str(weights)
+    model.source = source if weights is None or source.startswith("shipped:") else str(weights)
     return model.eval()

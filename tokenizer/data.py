@@ -223,6 +223,43 @@ class ImageFolderDataset(Dataset):
                 f"random_flip={self.random_flip})")
 
 
+class InMemoryImages(Dataset):
+    """A small dataset decoded once into one uint8 tensor, so training spends no time on decoding.
+
+    ``dataset`` items are (float [3,R,R] in [0,1], label) or None (skipped and counted in
+    ``num_skipped``); it should be a non-augmenting dataset. Items come back as (float32
+    [3,R,R] in [0,1], label int), flipped left-right with p=0.5 when ``random_flip``. At 64x64
+    an image takes 12 KB, so 60k images fit in 0.7 GB.
+    """
+
+    def __init__(self, dataset: Dataset, *, random_flip: bool = False, desc: str = "loading images"):
+        from tqdm import tqdm
+
+        images, labels = [], []
+        for i in tqdm(range(len(dataset)), desc=desc, unit="img", mininterval=2.0, leave=False):
+            item = dataset[i]
+            if item is None:
+                continue
+            images.append((item[0] * 255).round().to(torch.uint8))
+            labels.append(int(item[1]))
+        if not images:
+            raise FileNotFoundError(f"no readable images in {dataset!r}")
+        self.images = torch.stack(images)  # (N, 3, R, R) uint8
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.num_skipped = len(dataset) - len(images)
+        self.random_flip = random_flip
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].float() / 255.0
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
 def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     """DataLoader collate that drops None items (unreadable images) and stacks the rest.
 

@@ -50,6 +50,48 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ConvStem(nn.Sequential):
+    """Patch embedding by stride-2 3x3 convs (Xiao et al. 2021, "Early convolutions help
+    transformers see better"): [B,3,H,W] -> [B,width,H/p,W/p] for a power-of-two patch size p.
+
+    Cheap (a few MFLOP at 64x64) and it makes a small ViT tokenizer learn edges much sooner
+    than one linear projection per patch does.
+    """
+
+    def __init__(self, *, patch_size: int, width: int):
+        n = patch_size.bit_length() - 1
+        if 2**n != patch_size or n < 1:
+            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+        chans = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]  # ..., width/4, width/2, width
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+
+class DenseMixing(nn.Module):
+    """A dense path between two token sets: [B,L_in,D] -> narrow to ``rank`` per token -> flatten ->
+    Linear -> [B,L_out,D], zero-initialised so it starts as a no-op.
+
+    Attention has to learn where to look before a ViT autoencoder can route an image through
+    its 1D latent tokens, which takes a small model thousands of steps; this linear map gives
+    gradients a direct route from the first step, and attention refines what it carries.
+    """
+
+    def __init__(self, tokens_in: int, tokens_out: int, width: int, rank: int):
+        super().__init__()
+        self.tokens_out, self.width = tokens_out, width
+        self.narrow = nn.Linear(width, rank)
+        self.mix = nn.Linear(tokens_in * rank, tokens_out * width)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.narrow(x).flatten(1)).view(x.shape[0], self.tokens_out, self.width)
+
+
 def _embedding(*shape: int, width: int) -> nn.Parameter:
     return nn.Parameter(width**-0.5 * torch.randn(*shape, width))
 
@@ -62,13 +104,17 @@ class TiTokEncoder(nn.Module):
 
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-        num_latent_tokens: int, token_size: int, legacy_layout: bool,
+        num_latent_tokens: int, token_size: int, legacy_layout: bool, conv_stem: bool = False,
+        dense_mixing: int = 0,
     ):
         super().__init__()
         self.grid_size = image_size // patch_size
         self.width = width
         self.legacy_layout = legacy_layout
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        if conv_stem:
+            self.patch_embed = ConvStem(patch_size=patch_size, width=width)
+        else:
+            self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.class_embedding = _embedding(1, width=width)
         self.positional_embedding = _embedding(self.grid_size**2 + 1, width=width)
         self.latent_positional_embedding = _embedding(num_latent_tokens, width=width)
@@ -76,13 +122,17 @@ class TiTokEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm_post = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, token_size)
+        # Optional dense path patches -> latent tokens (see TiTok's ``dense_mixing``).
+        self.mix = DenseMixing(self.grid_size**2, num_latent_tokens, width, dense_mixing) if dense_mixing else None
 
     def forward(self, images: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
         x = rearrange(self.patch_embed(images), "b d h w -> b (h w) d")  # (B, G*G, D)
         cls = self.class_embedding.to(x.dtype).expand(b, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         latents = (latent_tokens + self.latent_positional_embedding).to(x.dtype).expand(b, -1, -1)
+        if self.mix is not None:
+            latents = latents + self.mix(x)  # (B, N, D)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.norm_pre(torch.cat([x, latents], dim=1))  # (B, 1+G*G+N, D)
         for block in self.blocks:
             x = block(x)
@@ -95,17 +145,19 @@ class TiTokEncoder(nn.Module):
 class TiTokDecoder(nn.Module):
     """Latent tokens + mask tokens per patch -> ViT -> per-patch outputs.
 
-    forward: z float [B,N,T] -> proxy-code logits [B,1024,G,G] (``output="proxy_codes"``) or
-    RGB [B,3,H,W] (``output="rgb"``, the official non-legacy variant).
+    forward: z float [B,N,T] -> proxy-code logits [B,1024,G,G] (``output="proxy_codes"``),
+    RGB [B,3,H,W] (``output="rgb"``, the official non-legacy variant) or a feature grid
+    [B,feature_channels,G,G] for a conv pixel decoder (``output="features"``).
     """
 
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
         num_latent_tokens: int, token_size: int, output: str, proxy_codebook_size: int = 1024,
+        feature_channels: int = 0, dense_mixing: int = 0,
     ):
         super().__init__()
-        if output not in ("proxy_codes", "rgb"):
-            raise ValueError(f"decoder output must be 'proxy_codes' or 'rgb', got {output!r}")
+        if output not in ("proxy_codes", "rgb", "features"):
+            raise ValueError(f"decoder output must be 'proxy_codes', 'rgb' or 'features', got {output!r}")
         self.grid_size = image_size // patch_size
         self.patch_size = patch_size
         self.output = output
@@ -117,10 +169,14 @@ class TiTokDecoder(nn.Module):
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm_post = nn.LayerNorm(width)
+        # Optional dense path latent tokens -> patch queries (see TiTok's ``dense_mixing``).
+        self.mix = DenseMixing(num_latent_tokens, self.grid_size**2, width, dense_mixing) if dense_mixing else None
         if output == "proxy_codes":
             self.head = nn.Sequential(
                 nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, proxy_codebook_size)
             )
+        elif output == "features":
+            self.head = nn.Linear(width, feature_channels)
         else:
             self.head = nn.Linear(width, patch_size * patch_size * 3)
             self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
@@ -132,12 +188,14 @@ class TiTokDecoder(nn.Module):
         queries = torch.cat(
             [self.class_embedding.expand(b, -1, -1), self.mask_token.expand(b, g2, -1)], dim=1
         ) + self.positional_embedding
+        if self.mix is not None:
+            queries = queries + F.pad(self.mix(x), (0, 0, 1, 0))  # (B, 1+G*G, D); not the class token
         x = self.norm_pre(torch.cat([queries.to(x.dtype), x], dim=1))  # (B, 1+G*G+N, D)
         for block in self.blocks:
             x = block(x)
         x = self.head(self.norm_post(x[:, 1 : 1 + g2]))  # (B, G*G, C)
         g, p = self.grid_size, self.patch_size
-        if self.output == "proxy_codes":
+        if self.output != "rgb":
             return rearrange(x, "b (h w) c -> b c h w", h=g)
         x = rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=g, p1=p, p2=p)
         return self.conv_out(x)
@@ -184,6 +242,68 @@ class VectorQuantizer(nn.Module):
         return z + (z_q - z).detach(), tokens, losses
 
 
+class FSQ(nn.Module):
+    """Finite scalar quantisation (Mentzer et al. 2023, arXiv 2309.15505); always float32.
+
+    Each of the T = len(levels) channels is bounded with tanh to ``levels[i]`` values and rounded
+    (straight-through), so the implicit codebook is the grid of prod(levels) points in [-1, 1]^T.
+    There is no learned codebook, hence nothing to collapse and no auxiliary loss.
+
+    forward: z float [B,N,T] -> (z_q float32 [B,N,T] straight-through, tokens int64 [B,N], losses
+    dict of zeros, for the same interface as :class:`VectorQuantizer`).
+    """
+
+    def __init__(self, *, levels: tuple[int, ...] | list[int]):
+        super().__init__()
+        if not levels or any(int(n) < 2 for n in levels):
+            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+        lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
+        self.codebook_size = int(lv.prod())
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        """float [...,T] -> values in (-L/2, L/2) that round to the L integer levels of each channel."""
+        lv = self.levels.float()
+        half = (lv - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 1, 0.0, 0.5)  # even L: levels sit at half-integers
+        return torch.tanh(z + torch.atanh(offset / half)) * half - offset
+
+    def _digits_to_codes(self, digits: torch.Tensor) -> torch.Tensor:
+        half_width = (self.levels // 2).float()
+        return (digits.float() - half_width) / half_width
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 [...] -> float32 [..., T] grid points in [-1, 1]."""
+        digits = (tokens[..., None] // self.basis) % self.levels
+        return self._digits_to_codes(digits)
+
+    def continuous(self, z: torch.Tensor) -> torch.Tensor:
+        """The latents before rounding, on the codes' scale: float [B,N,T] -> float32 [B,N,T] in (-1, 1).
+        A quantiser warm-up feeds these to the decoder, so an informative latent forms first."""
+        return self._bound(z.float()) / (self.levels // 2).float()
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        bounded = self._bound(z.float())
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half_width = (self.levels // 2).float()
+        z_q = rounded / half_width  # (B, N, T) in [-1, 1]
+        digits = (rounded.detach() + half_width).round().long()
+        tokens = (digits * self.basis).sum(-1)  # (B, N)
+        zero = z.new_zeros((), dtype=torch.float32)
+        return z_q, tokens, {"quantizer_loss": zero, "commitment_loss": zero, "codebook_loss": zero}
+
+
+def fsq_codebook_size(levels: tuple[int, ...] | list[int]) -> int:
+    """The number of FSQ codes: the product of the levels."""
+    size = 1
+    for n in levels:
+        size *= int(n)
+    return size
+
+
 class ResBlock(nn.Module):
     """MaskGIT-VQGAN residual block (GroupNorm(32) -> SiLU -> conv, twice).
 
@@ -226,13 +346,18 @@ class UpBlock(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """The MaskGIT-VQGAN convolutional decoder: [B,z_channels,G,G] -> RGB [B,3,G*2^(L-1),...]."""
+    """The MaskGIT-VQGAN convolutional decoder: [B,z_channels,G,G] -> RGB [B,3,G*2^(L-1)*s,...].
+
+    ``out_upscale`` s > 1 ends in a sub-pixel convolution (conv to 3*s*s channels, then
+    pixel shuffle), which renders the last s-fold upsampling without any full-resolution conv.
+    """
 
     def __init__(
         self, *, hidden_channels: int = 128, channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2, z_channels: int = 256,
+        num_res_blocks: int = 2, z_channels: int = 256, out_upscale: int = 1,
     ):
         super().__init__()
+        self.out_upscale = out_upscale
         chans = [hidden_channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(z_channels, chans[-1], 3, padding=1)
         self.mid = nn.ModuleList(ResBlock(chans[-1], chans[-1]) for _ in range(num_res_blocks))
@@ -242,7 +367,7 @@ class PixelDecoder(nn.Module):
             UpBlock(chans[min(i + 1, len(chans) - 1)], chans[i], num_res_blocks, upsample=i != 0) for i in levels
         )
         self.norm_out = nn.GroupNorm(32, chans[0], eps=1e-6)
-        self.conv_out = nn.Conv2d(chans[0], 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(chans[0], 3 * out_upscale**2, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -250,7 +375,8 @@ class PixelDecoder(nn.Module):
             x = block(x)
         for block in self.up:
             x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        x = self.conv_out(F.silu(self.norm_out(x)))
+        return F.pixel_shuffle(x, self.out_upscale) if self.out_upscale > 1 else x
 
 
 class TiTok(nn.Module):
@@ -262,7 +388,13 @@ class TiTok(nn.Module):
     ``decoder_output="proxy_codes"`` is the released two-stage design: the ViT decoder
     predicts logits over the 1024 MaskGIT-VQGAN codes, their softmax weights the VQGAN
     codebook and the VQGAN conv decoder renders pixels. ``"rgb"`` is the official
-    non-legacy single-stage variant (the ViT decoder predicts pixels).
+    non-legacy single-stage variant (the ViT decoder predicts pixels). ``"conv"`` is this project's
+    small-scale design: the ViT decoder predicts a feature grid that a MaskGIT-VQGAN-style conv
+    decoder (``pixel_decoder_*``) upsamples to pixels, which keeps edges sharp at little cost.
+
+    ``quantizer="vq"`` is TiTok's nearest-code quantiser (``codebook_size`` x ``token_size``);
+    ``"fsq"`` is finite scalar quantisation with ``fsq_levels`` (codebook_size = prod(levels),
+    token_size = len(levels)).
     """
 
     def __init__(
@@ -271,8 +403,17 @@ class TiTok(nn.Module):
         num_latent_tokens: int = 32, codebook_size: int = 4096, token_size: int = 12, use_l2_norm: bool = True,
         commitment_cost: float = 0.25, legacy_layout: bool = True, decoder_output: str = "proxy_codes",
         pixel_decoder_hidden_channels: int = 128, proxy_codebook_size: int = 1024, proxy_code_dim: int = 256,
+        quantizer: str = "vq", fsq_levels: tuple[int, ...] | list[int] = (),
+        pixel_decoder_channel_mult: tuple[int, ...] | list[int] = (1, 1, 2, 2, 4), pixel_decoder_res_blocks: int = 2,
+        pixel_decoder_out_upscale: int = 1, conv_stem: bool = False, dense_mixing: int = 0,
     ):
         super().__init__()
+        if quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")
+        if decoder_output not in ("proxy_codes", "rgb", "conv"):
+            raise ValueError(f"decoder_output must be 'proxy_codes', 'rgb' or 'conv', got {decoder_output!r}")
+        if quantizer == "fsq":
+            codebook_size, token_size = fsq_codebook_size(fsq_levels), len(fsq_levels)
         self.image_size = image_size
         self.num_tokens = num_latent_tokens
         self.codebook_size = codebook_size
@@ -281,19 +422,35 @@ class TiTok(nn.Module):
         self.encoder = TiTokEncoder(
             image_size=image_size, patch_size=patch_size, width=enc_width, depth=enc_depth, num_heads=enc_heads,
             num_latent_tokens=num_latent_tokens, token_size=token_size, legacy_layout=legacy_layout,
+            conv_stem=conv_stem, dense_mixing=dense_mixing,
         )
-        self.quantize = VectorQuantizer(
-            codebook_size=codebook_size, token_size=token_size, use_l2_norm=use_l2_norm,
-            commitment_cost=commitment_cost,
-        )
+        if quantizer == "fsq":
+            self.quantize = FSQ(levels=fsq_levels)
+        else:
+            self.quantize = VectorQuantizer(
+                codebook_size=codebook_size, token_size=token_size, use_l2_norm=use_l2_norm,
+                commitment_cost=commitment_cost,
+            )
+        conv_channels = pixel_decoder_hidden_channels * pixel_decoder_channel_mult[-1]
         self.decoder = TiTokDecoder(
             image_size=image_size, patch_size=patch_size, width=dec_width, depth=dec_depth, num_heads=dec_heads,
-            num_latent_tokens=num_latent_tokens, token_size=token_size, output=decoder_output,
-            proxy_codebook_size=proxy_codebook_size,
+            num_latent_tokens=num_latent_tokens, token_size=token_size,
+            output={"conv": "features"}.get(decoder_output, decoder_output),
+            proxy_codebook_size=proxy_codebook_size, feature_channels=conv_channels, dense_mixing=dense_mixing,
         )
         if decoder_output == "proxy_codes":
             self.proxy_codebook = nn.Embedding(proxy_codebook_size, proxy_code_dim)
             self.pixel_decoder = PixelDecoder(hidden_channels=pixel_decoder_hidden_channels, z_channels=proxy_code_dim)
+        elif decoder_output == "conv":
+            factor = 2 ** (len(pixel_decoder_channel_mult) - 1) * pixel_decoder_out_upscale
+            if factor != patch_size:
+                raise ValueError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
+                                 f"but patch_size is {patch_size}")
+            self.pixel_decoder = PixelDecoder(
+                hidden_channels=pixel_decoder_hidden_channels, channel_mult=tuple(pixel_decoder_channel_mult),
+                num_res_blocks=pixel_decoder_res_blocks, z_channels=conv_channels,
+                out_upscale=pixel_decoder_out_upscale,
+            )
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """float [B,3,H,W] in [0,1] -> pre-quantisation latents float [B,N,T]."""
@@ -302,9 +459,14 @@ class TiTok(nn.Module):
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised latents float [B,N,T] -> images float [B,3,H,W], unclamped."""
-        out = self.decoder(z_q)
+        return self.render(self.decoder(z_q))
+
+    def render(self, out: torch.Tensor) -> torch.Tensor:
+        """The ViT decoder's output -> images float [B,3,H,W], unclamped (see ``decoder_output``)."""
         if self.decoder_output == "rgb":
             return out
+        if self.decoder_output == "conv":
+            return self.pixel_decoder(out)
         weights = out.softmax(dim=1)  # (B, 1024, G, G)
         z_pixel = torch.einsum("bkhw,kc->bchw", weights, self.proxy_codebook.weight.to(weights.dtype))
         return self.pixel_decoder(z_pixel)

@@ -24,22 +24,33 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from tokenizer.builtin import NATIVE_SIZE, make_builtin_dataset
 from tokenizer.checkpoints import save_model_file
-from tokenizer.data import ImageFolderDataset, collate_skip_bad
-from tokenizer.presets import PRESETS
+from tokenizer.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
+from tokenizer.presets import PRESETS, small_image_size, titok_small
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
+from tokenizer.schedule import schedule_callbacks
 from tokenizer.training import SaveLast, TiTokModule
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model(model: dict) -> dict:
+def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
     """``{preset: name, **overrides}`` (or plain TiTok kwargs) -> TiTok constructor kwargs.
 
     Keys set to None keep the preset's value (or TiTok's default without a preset).
+    ``image_size: auto`` (preset titok_small only) sizes the model for images whose shorter
+    side is ``image_side`` pixels (16, 32 or 64; see :func:`tokenizer.presets.small_image_size`).
     """
     config = {k: v for k, v in model.items() if v is not None}
     preset = config.pop("preset", None)
+    if config.get("image_size") == "auto":
+        if preset != "titok_small":
+            raise ValueError("model.image_size=auto needs model.preset=titok_small")
+        if image_side is None:
+            raise ValueError("model.image_size=auto needs the size of the training images")
+        config.pop("image_size")
+        return {**titok_small(small_image_size(image_side)), **config}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -47,20 +58,35 @@ def resolve_model(model: dict) -> dict:
     return config
 
 
+def first_image_side(root: Path) -> int:
+    """The shorter side in pixels of the first image of the image folder ``root`` (<class>/<image>)."""
+    from PIL import Image
+
+    for path, _ in ImageFolderDataset(root, resolution=1, train=False).samples:
+        try:
+            with Image.open(path) as img:
+                return min(img.size)
+        except OSError:
+            continue
+    raise FileNotFoundError(f"no readable image in {root}")
+
+
 def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
     """Train images (augmented) and a fixed random subset of held-out images (not augmented)."""
     root = Path(cfg.data.root)
-    if cfg.data.demo:
-        from tokenizer.demo_shapes import make_demo_dataset
-
-        make_demo_dataset(  # returns at once when the tree is there
-            root, num_train_per_class=cfg.data.demo_train_per_class,
-            num_val_per_class=cfg.data.demo_val_per_class, size=image_size, seed=cfg.seed,
-        )
+    if cfg.data.builtin:  # returns at once when the tree is there
+        make_builtin_dataset(cfg.data.builtin, root, size=image_size, seed=cfg.seed,
+                             demo_train_per_class=cfg.data.demo_train_per_class,
+                             demo_val_per_class=cfg.data.demo_val_per_class)
     train_dir, val_dir = root / cfg.data.train_split, root / cfg.data.val_split
     if not train_dir.is_dir():
         raise FileNotFoundError(f"no image folder at {train_dir} (expected <root>/{cfg.data.train_split}/<class>/*)")
-    train_set = ImageFolderDataset(train_dir, resolution=image_size, train=True)
+    if cfg.data.in_memory:  # small datasets: decode once, augment (flip) on the tensor
+        train_set = InMemoryImages(ImageFolderDataset(train_dir, resolution=image_size, train=False),
+                                   random_flip=cfg.data.hflip, desc=f"loading {train_dir}")
+        log.info("%d training images in memory (%d unreadable skipped)", len(train_set), train_set.num_skipped)
+    else:
+        train_set = ImageFolderDataset(train_dir, resolution=image_size, train=True, random_flip=cfg.data.hflip)
     g = torch.Generator().manual_seed(cfg.seed)
     if val_dir.is_dir():
         val_set = ImageFolderDataset(val_dir, resolution=image_size, train=False)
@@ -69,6 +95,8 @@ def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
     # No val split: hold out images of the train folder (seen without augmentation).
     log.warning("no %s; holding out %d training images for validation", val_dir, cfg.data.val_images)
     plain = ImageFolderDataset(train_dir, resolution=image_size, train=False)
+    if cfg.data.in_memory:
+        plain = InMemoryImages(plain)
     order = torch.randperm(len(plain), generator=g).tolist()
     n_val = min(cfg.data.val_images, len(plain) // 10 or 1)
     return Subset(train_set, order[n_val:]), Subset(plain, order[:n_val])
@@ -116,7 +144,15 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     run_dir = Path(cfg.run_dir)
-    model_config = resolve_model(OmegaConf.to_container(cfg.model, resolve=True))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    side = None
+    if model.get("image_size") == "auto":
+        if cfg.data.builtin:
+            side = NATIVE_SIZE[cfg.data.builtin]
+        else:
+            side = first_image_side(Path(cfg.data.root) / cfg.data.train_split)
+    model_config = resolve_model(model, image_side=side)
+    log.info("tokenizer %s", model_config)
     train_set, val_set = build_datasets(cfg, model_config["image_size"])
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                      collate_fn=collate_skip_bad)
@@ -142,7 +178,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
                         save_top_k=0, enable_version_counter=False),
-        SaveLast(last), figures,
+        SaveLast(last), figures, *schedule_callbacks(max_time=tr.max_time, schedule_steps=tr.schedule_steps),
     ]
     trainer = L.Trainer(
         default_root_dir=run_dir, max_steps=tr.max_steps, max_time=tr.max_time, accelerator=tr.accelerator,
@@ -154,9 +190,11 @@ def train(cfg: DictConfig) -> dict:
     )
     resumed_from = None
     if last.is_file():
-        resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+        # Our own Lightning checkpoints hold only tensors and plain containers: no pickled code.
+        resumed_from = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
         log.info("resuming from %s (step %d)", last, resumed_from)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resumed_from is not None else None)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resumed_from is not None else None,
+                weights_only=True)
     global_step = trainer.global_step
 
     # Final figures with the weights that get exported.
@@ -167,6 +205,7 @@ def train(cfg: DictConfig) -> dict:
         result.update(figures.write(module, "final"))
         out = run_dir / "tokenizer.safetensors"
         extra = {"global_step": global_step, "ema": module.ema is not None, "data_root": str(cfg.data.root),
+                 "data_builtin": cfg.data.builtin,
                  "metrics": result["metrics"]}
         save_model_file(out, kind="tokenizer", config=module.model.config, state_dict=module.export_state_dict(),
                         extra=extra)

@@ -2,9 +2,9 @@
 
 Two recipes, picked by the model's ``decoder_output``:
 
-* ``"rgb"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's codebook and
-  commitment (0.25) losses, plus LPIPS when its weights are given and a hinge PatchGAN loss
-  from ``gan_start_step`` when ``gan_weight > 0``.
+* ``"rgb"`` or ``"conv"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's
+  codebook and commitment (0.25) losses (none for FSQ), plus LPIPS when its weights are given
+  and a hinge PatchGAN loss from ``gan_start_step`` when ``gan_weight > 0``.
 * ``"proxy_codes"`` (the official stage 1): cross-entropy of the decoder's logits against the
   codes a frozen MaskGIT-VQGAN assigns to each patch (:mod:`tokenizer.proxy_codes`), plus the
   quantiser losses. The VQGAN decoder is copied in, frozen, so the model renders pixels.
@@ -15,13 +15,14 @@ moves codes that fell out of use onto random recent encoder outputs; and an opti
 quantiser warm-up (``quantizer_warmup_steps``: the decoder first sees the continuous latents,
 then every code restarts on a recent latent). Without the warm-up a run can stall where
 every image maps to the same code per position and the decoder learns the mean image.
+FSQ (``quantizer="fsq"``) has no codebook to collapse: no revival; its warm-up feeds the
+bounded, unrounded latents.
 Optimiser: AdamW, linear warm-up then cosine; EMA of the weights (exported).
 """
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from torch import nn
 
 from tokenizer import build_tokenizer
 from tokenizer.checkpoints import CheckpointError, read_state_dict
+from tokenizer.model import VectorQuantizer
+from tokenizer.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +203,6 @@ class LPIPS(nn.Module):
 
 # --------------------------------------------------------------------------- schedule / EMA
 
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, base_lr: float, end_lr: float) -> float:
-    """Learning rate at ``step``: linear warm-up to base_lr, then cosine down to end_lr."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return end_lr + 0.5 * (base_lr - end_lr) * (1 + math.cos(math.pi * progress))
-
-
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, *, step: int, max_decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, decay = min((1+step)/(10+step), max_decay)."""
@@ -266,10 +261,11 @@ class TiTokModule(L.LightningModule):
             self.model.proxy_codebook.requires_grad_(False)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
         q = self.model.quantize
+        # FSQ has no learned codebook: nothing can die, so there is nothing to revive.
         self.usage = CodeUsage(
             codebook_size=q.embedding.num_embeddings, token_size=q.embedding.embedding_dim, decay=usage_decay,
             dead_ratio=dead_ratio, buffer_size=latent_buffer_size,
-        )
+        ) if isinstance(q, VectorQuantizer) else None
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long))
         self.lpips = None
         if perceptual_weight > 0:
@@ -298,16 +294,12 @@ class TiTokModule(L.LightningModule):
         if not quantize:
             # Quantiser warm-up: the decoder sees the continuous (normalised) latents, so
             # encoder and decoder learn an informative latent before codes can cut it off.
-            z_q = F.normalize(z.float(), dim=-1) if model.quantize.use_l2_norm else z
-        out = model.decoder(z_q.to(z.dtype))  # rgb [B,3,H,W] or proxy-code logits [B,K,G,G]
+            if isinstance(model.quantize, VectorQuantizer):
+                z_q = F.normalize(z.float(), dim=-1) if model.quantize.use_l2_norm else z
+            else:  # FSQ: bounded but not rounded
+                z_q = model.quantize.continuous(z)
+        out = model.decoder(z_q.to(z.dtype))  # rgb [B,3,H,W], proxy-code logits [B,K,G,G] or features
         return z, tokens, qlosses, out
-
-    def _pixels(self, model: nn.Module, out: torch.Tensor) -> torch.Tensor:
-        if model.decoder_output == "rgb":
-            return out
-        weights = out.softmax(dim=1)
-        z = torch.einsum("bkhw,kc->bchw", weights, model.proxy_codebook.weight.to(weights.dtype))
-        return model.pixel_decoder(z)
 
     # ----- training
     def training_step(self, batch, batch_idx):
@@ -324,6 +316,7 @@ class TiTokModule(L.LightningModule):
             loss = loss + ce
             logs.update({"train/ce_loss": ce, "train/proxy_acc": (out.argmax(1) == codes).float().mean()})
         else:
+            out = self.model.render(out)  # pixels [B,3,H,W]
             rec = reconstruction_loss(out, images, hp.recon_loss)
             loss = loss + hp.recon_weight * rec
             logs["train/rec_loss"] = rec
@@ -341,10 +334,11 @@ class TiTokModule(L.LightningModule):
                 d_loss = hinge_d_loss(self.discriminator(images.float()), self.discriminator(out.detach().float()))
                 loss = loss + factor * (hp.gan_weight * g_loss + d_loss)
                 logs.update({"train/g_loss": g_loss, "train/d_loss": d_loss})
-        # All ranks see every rank's tokens, so they revive the same codes with the same latents.
-        self.usage.update(self.all_gather(tokens), self.all_gather(z.detach()))
-        logs.update({"train/loss": loss, "train/lr": self.optimizers().param_groups[0]["lr"],
-                     "train/dead_codes": self.usage.dead().float().sum(), "train/revived": self.revived_total.float()})
+        logs.update({"train/loss": loss, "train/lr": self.optimizers().param_groups[0]["lr"]})
+        if self.usage is not None:
+            # All ranks see every rank's tokens, so they revive the same codes with the same latents.
+            self.usage.update(self.all_gather(tokens), self.all_gather(z.detach()))
+            logs.update({"train/dead_codes": self.usage.dead().float().sum(), "train/revived": self.revived_total.float()})
         self.log_dict(logs, batch_size=images.shape[0])
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=images.shape[0])
         return loss
@@ -355,11 +349,12 @@ class TiTokModule(L.LightningModule):
             return
         self._last_step = step
         hp = self.hparams
-        if step == hp.quantizer_warmup_steps > 0:
-            self.usage.usage.zero_()  # the warm-up ends: every code restarts on a recent latent
-            self._revive_dead_codes(step)
-        elif hp.revive_every_n_steps and step % hp.revive_every_n_steps == 0:
-            self._revive_dead_codes(step)
+        if self.usage is not None:  # a learned codebook (VQ): keep every code in use
+            if step == hp.quantizer_warmup_steps > 0:
+                self.usage.usage.zero_()  # the warm-up ends: every code restarts on a recent latent
+                self._revive_dead_codes(step)
+            elif hp.revive_every_n_steps and step % hp.revive_every_n_steps == 0:
+                self._revive_dead_codes(step)
         if self.ema is not None:
             ema_update(self.ema, self.model, step=step, max_decay=hp.ema_decay)
 
@@ -390,7 +385,7 @@ class TiTokModule(L.LightningModule):
         images = batch[0]
         model = self.ema if self.ema is not None else self.model
         _, tokens, _, out = self._reconstruct(model, images)
-        recon = self._pixels(model, out).float().clamp(0, 1)
+        recon = model.render(out).float().clamp(0, 1)
         self._val_counts += token_counts(tokens, self._val_counts.numel())
         logs = {"val/psnr": psnr(recon, images).mean(), "val/rec_loss": reconstruction_loss(recon, images, "l2")}
         if self.proxy is not None:

@@ -1,0 +1,166 @@
+"""The small-data recipe: FSQ, the conv pixel decoder and stem, titok_small, in-memory data,
+the built-in digits, the time-fitted schedule, CPU precision by capability."""
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer import build_tokenizer, load_tokenizer, runtime
+from tokenizer.data import ImageFolderDataset, InMemoryImages
+from tokenizer.model import FSQ
+from tokenizer.presets import small_image_size, titok_small
+from tokenizer.schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
+from tokenizer.train import resolve_model
+
+
+def test_fsq_codes_round_trip_and_pass_gradients():
+    fsq = FSQ(levels=[8, 5, 5, 5])
+    assert fsq.codebook_size == 1000
+    z = (3 * torch.randn(4, 32, 4)).requires_grad_()
+    z_q, tokens, losses = fsq(z)
+    assert tokens.shape == (4, 32) and tokens.dtype == torch.int64
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < 1000
+    assert float(losses["quantizer_loss"]) == 0.0
+    # The code vector of each token is exactly what the forward pass quantised to.
+    assert torch.equal(fsq.lookup(tokens), z_q.detach())
+    assert z_q.abs().max() <= 1.0
+    # Every grid point is a token and back: ids are a bijection onto the grid.
+    ids = torch.arange(1000)
+    grid = fsq.lookup(ids)
+    assert grid.unique(dim=0).shape[0] == 1000
+    z_q.sum().backward()  # straight-through: the rounding does not block gradients
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_fsq_tokens_map_back_to_the_same_grid_point():
+    fsq = FSQ(levels=[7, 5, 3])
+    z = torch.randn(2, 50, 3) * 2
+    z_q, tokens, _ = fsq(z)
+    again = fsq(torch.atanh(z_q * 0.99))[1]  # points near the same grid points quantise identically
+    assert torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_titok_small_shapes_at_each_size(size):
+    tok = build_tokenizer(titok_small(size)).eval()
+    assert (tok.num_tokens, tok.codebook_size, tok.image_size) == (32, 1000, size)
+    x = torch.rand(2, 3, size, size)
+    recon, tokens, _ = tok(x)
+    assert recon.shape == x.shape and tokens.shape == (2, 32)
+    assert tok.decode(tokens).shape == x.shape
+
+
+def test_small_image_size_picks_the_next_supported_size():
+    assert [small_image_size(s) for s in (8, 16, 28, 32, 33, 64, 256)] == [16, 16, 32, 32, 64, 64, 64]
+    with pytest.raises(ValueError, match="16, 32 or 64"):
+        titok_small(48)
+
+
+def test_conv_stem_and_decoder_levels_must_match_the_patch():
+    cfg = dict(titok_small(64), conv_stem=True)
+    tok = build_tokenizer(cfg)
+    assert tok.encoder.patch_embed(torch.rand(1, 3, 64, 64)).shape == (1, 128, 8, 8)
+    with pytest.raises(ValueError, match="upsamples by"):
+        build_tokenizer(dict(titok_small(64), pixel_decoder_channel_mult=[1, 2]))
+
+
+def test_resolve_model_sizes_titok_small_from_the_data():
+    model = {"preset": "titok_small", "image_size": "auto", "enc_depth": 2}
+    config = resolve_model(model, image_side=28)
+    assert config["image_size"] == 32 and config["patch_size"] == 4 and config["enc_depth"] == 2
+    with pytest.raises(ValueError, match="titok_small"):
+        resolve_model({"preset": "titok_l32", "image_size": "auto"}, image_side=28)
+
+
+def _folder(root: Path, n: int = 3, size: int = 20) -> Path:
+    for c in ("x", "y"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            img = Image.new("RGB", (size, size), (40 * i, 200 if c == "x" else 10, 90))
+            img.paste((255, 255, 255), (0, 0, size // 4, size))  # a white stripe on the left: not mirror-symmetric
+            img.save(root / c / f"{i}.png")
+    (root / "y" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_in_memory_images_match_the_folder_and_count_bad_files(tmp_path):
+    folder = ImageFolderDataset(_folder(tmp_path / "f"), resolution=16, train=False)
+    mem = InMemoryImages(folder)
+    assert len(mem) == 6 and mem.num_skipped == 1 and mem.classes == ["x", "y"]
+    x, label = mem[4]
+    ref = next(item for item in (folder[i] for i in range(len(folder))) if item is not None and item[1] == 1)
+    assert label == 1 and x.shape == (3, 16, 16)
+    torch.testing.assert_close(mem[3][0], ref[0], atol=0.5 / 255, rtol=0)
+    flipped = InMemoryImages(folder, random_flip=True)
+    torch.manual_seed(0)
+    seen = {bool(torch.equal(flipped[0][0], mem[0][0])) for _ in range(20)}
+    assert seen == {True, False}
+
+
+def test_digits_dataset_is_written_once(tmp_path):
+    pytest.importorskip("sklearn")
+    from tokenizer.digits import CLASS_NAMES, make_digits_dataset
+
+    root = make_digits_dataset(tmp_path / "digits", size=32)
+    train = ImageFolderDataset(root / "train", resolution=32, train=False)
+    val = ImageFolderDataset(root / "val", resolution=32, train=False)
+    assert train.classes == CLASS_NAMES and len(train) + len(val) == 1797
+    assert 250 <= len(val) <= 290  # 15% of each class
+    with Image.open(train.samples[0][0]) as im:
+        assert im.size == (32, 32) and im.mode == "L"
+    assert make_digits_dataset(tmp_path / "digits", size=32) == root  # idempotent
+    with pytest.raises(FileExistsError):
+        make_digits_dataset(tmp_path / "digits", size=16)
+
+
+def test_fit_schedule_to_time_sets_the_cosine_horizon():
+    assert parse_max_time("00:00:05:00") == 300.0 and parse_max_time(None) is None
+    assert schedule_callbacks(max_time=None, schedule_steps="auto") == []
+    assert schedule_callbacks(max_time="00:00:05:00", schedule_steps="max_steps") == []
+    with pytest.raises(ValueError):
+        schedule_callbacks(max_time="00:00:05:00", schedule_steps="sometimes")
+    cb = schedule_callbacks(max_time="00:00:01:40", schedule_steps="auto")[0]  # 100 s
+    cb.skip, cb.measure = 2, 4
+    module = SimpleNamespace(hparams=SimpleNamespace(max_steps=10**6))
+    trainer = SimpleNamespace(global_step=0, max_steps=10**6, callbacks=[])
+    cb.on_train_start(trainer, module)
+    clock = iter([0.0, 2.0])  # 4 steps in 2 s: 2 steps/s
+    import tokenizer.schedule as sched
+
+    real = sched.time.perf_counter
+    sched.time.perf_counter = lambda: next(clock)
+    try:
+        for step in range(1, 7):
+            trainer.global_step = step
+            cb.on_train_batch_end(trainer, module, None, None, step)
+    finally:
+        sched.time.perf_counter = real
+    # No Timer callback: 100 s left at 2 steps/s with a 0.95 margin -> 190 more steps.
+    assert module.hparams.max_steps == 6 + 190 == cb.horizon
+    assert cb.state_dict() == {"horizon": 196}
+    lrs = [warmup_cosine(s, warmup_steps=5, max_steps=196, base_lr=1.0, end_lr=0.0) for s in (196, 300)]
+    assert lrs == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_native_cpu_bf16(monkeypatch, caplog, native):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "_logged_choices", set())
+    with caplog.at_level(logging.INFO, logger="tokenizer.runtime"):
+        assert runtime.resolve_dtype(torch.device("cpu"), "auto") == ("bf16" if native else "fp32")
+        assert runtime.resolve_precision("auto") == ("bf16-mixed" if native else "32-true")
+        runtime.resolve_dtype(torch.device("cpu"), "auto")
+    lines = [r.getMessage() for r in caplog.records if "auto ->" in r.getMessage()]
+    assert len(lines) == 2  # once per choice, not once per call
+    assert ("native bf16" in lines[0]) and (("without" in lines[0]) != native)
+    assert runtime.resolve_dtype(torch.device("cpu"), "fp32") == "fp32"  # explicit choices are kept
+
+
+def test_this_cpu_reports_its_bf16_capability():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if flags:
+        assert runtime.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
