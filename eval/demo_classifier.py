@@ -64,6 +64,36 @@ class DemoCNN(nn.Module):
         return self.head(self.features(images))
 
 
+def colour_blind(images: torch.Tensor, *, generator: torch.Generator | None = None, knots: int = 6) -> torch.Tensor:
+    """Remove colour and brightness, keep shape: float [B,3,H,W] in [0,1] -> float [B,3,H,W] (grey).
+
+    Each image is projected on its own main colour axis (first principal component of its pixel
+    colours, so a shape stays visible whatever its hue and its background's), stretched to [0, 1],
+    passed through a random increasing piecewise-linear intensity map with ``knots`` knots and
+    inverted with probability 1/2. The direction, the map and the inversion are drawn per image,
+    so neither colour, nor brightness, nor which side is brighter carries the class; only where
+    the intensity changes, the shape, does.
+    """
+    b = images.shape[0]
+    x = images.float().flatten(2)  # (B, 3, HW)
+    centred = x - x.mean(-1, keepdim=True)
+    cov = centred @ centred.transpose(1, 2) / x.shape[-1]  # (B, 3, 3)
+    axis = torch.linalg.eigh(cov + 1e-6 * torch.eye(3, device=x.device)).eigenvectors[..., -1]  # (B, 3)
+    grey = torch.einsum("bc,bcn->bn", axis, centred)
+    lo, hi = grey.amin(-1, keepdim=True), grey.amax(-1, keepdim=True)
+    grey = (grey - lo) / (hi - lo).clamp(min=1e-6)  # (B, HW) in [0, 1]
+    dev = images.device
+    ys = torch.rand(b, knots, generator=generator, device=generator.device if generator else dev).to(dev).sort(-1).values
+    ys = (ys - ys[:, :1]) / (ys[:, -1:] - ys[:, :1]).clamp(min=1e-6)  # increasing, from 0 to 1
+    pos = grey * (knots - 1)
+    i = pos.floor().clamp(max=knots - 2).long()
+    frac = pos - i
+    mapped = ys.gather(1, i) * (1 - frac) + ys.gather(1, i + 1) * frac
+    invert = torch.rand(b, 1, generator=generator, device=generator.device if generator else dev).to(dev) < 0.5
+    mapped = torch.where(invert, 1 - mapped, mapped)
+    return mapped.view(b, 1, *images.shape[2:]).expand(-1, 3, -1, -1).to(images.dtype)
+
+
 class DemoClassifier:
     """A trained DemoCNN with its class names and input resolution; inference in chunks, no grad."""
 
@@ -72,6 +102,9 @@ class DemoClassifier:
         self.classes = list(classes)
         self.resolution = resolution
         self.config = config or {}
+        # Colour-blind classifiers see every image through colour_blind(), with maps drawn from
+        # a fixed seed per call, so the same images always get the same verdict.
+        self.colour_blind = bool(self.config.get("colour_blind", False))
 
     @property
     def device(self) -> torch.device:
@@ -86,10 +119,13 @@ class DemoClassifier:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"expected float [B,3,H,W] images in [0,1], got {images.dtype} {tuple(images.shape)}")
         out = []
+        g = torch.Generator().manual_seed(1234)
         for part in images.split(chunk):
             part = part.to(self.device, torch.float32)
             if part.shape[-2:] != (self.resolution, self.resolution):
                 part = F.interpolate(part, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
+            if self.colour_blind:
+                part = colour_blind(part, generator=g)
             out.append(fn(part).float().cpu())
         return torch.cat(out)
 
@@ -152,6 +188,9 @@ def load_split(
 # ---------------------------------------------------------------- training and cache
 
 
+colour_blind_fn = colour_blind  # train_demo_classifier's flag of the same name shadows it
+
+
 def train_demo_classifier(
     root: str | os.PathLike,
     *,
@@ -161,10 +200,13 @@ def train_demo_classifier(
     steps: int = 400,
     batch_size: int = 64,
     lr: float = 2e-3,
+    colour_blind: bool = False,
     device: str = "cpu",
 ) -> DemoClassifier:
     """Train a DemoCNN on ``<root>/train`` for ``steps`` Adam steps; reports ``<root>/val`` accuracy when present.
 
+    ``colour_blind``: every training batch goes through :func:`colour_blind` with fresh random
+    maps, and so does every image it classifies later: it must tell the classes by shape alone.
     Deterministic for a seed on one device and thread count; leaves the global RNG untouched.
     """
     classes = class_names(root)
@@ -184,6 +226,8 @@ def train_demo_classifier(
             idx = order[pos : pos + batch_size]
             pos += batch_size
             x = images[idx].to(device, torch.float32) / 255
+            if colour_blind:
+                x = colour_blind_fn(x, generator=gen)
             loss = F.cross_entropy(net(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -192,7 +236,7 @@ def train_demo_classifier(
             if step % 100 == 0 or step == steps - 1:
                 log.info("demo classifier step %d/%d loss %.4f", step + 1, steps, loss.item())
     config = {"classes": classes, "resolution": resolution, "width": width, "seed": seed, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "root": str(Path(root).resolve())}
+              "batch_size": batch_size, "lr": lr, "root": str(Path(root).resolve()), "colour_blind": colour_blind}
     classifier = DemoClassifier(net, classes=classes, resolution=resolution, config=config)
     if (Path(root) / "val").is_dir():
         val_images, val_labels = load_split(root, "val", resolution=resolution, classes=classes)

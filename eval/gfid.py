@@ -202,44 +202,111 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
     }
 
 
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N,D] vs [M,D], k-NN balls.
+
+    Precision: the share of fake samples inside some real sample's k-NN ball (are samples
+    realistic?); recall: the share of real samples inside some fake sample's ball (is the real
+    variety covered?). Computed by torch-fidelity.
+    """
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=k, prc_batch_size=10000,
+                                 save_cpu_ram=False, verbose=False)
+    return float(out["precision"]), float(out["recall"])
+
+
+def token_entropy(tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes and positions of the entropy (bits) of the tokens seen there.
+
+    tokens int64 [N,L], labels int64 [N]. A diversity gauge for samples: compare it with the
+    same statistic of as many real images' tokens (per class); samples that all look alike
+    score far lower. Biased low for small counts, so compare equal counts only.
+    """
+    values = []
+    for c in labels.unique():
+        t = tokens[labels == c]  # (n, L)
+        for column in t.T:
+            p = torch.bincount(column).float()
+            p = p[p > 0] / len(column)
+            values.append(float(-(p * p.log2()).sum()))
+    return sum(values) / max(1, len(values))
+
+
 def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
-    """The demo domain: class accuracy of samples by an independent classifier + FID on its features."""
+    """The demo domain, judged by two independent classifiers trained on the real images.
+
+    The demo classifier gives class accuracy, a FID on its features and precision/recall in its
+    feature space; the colour-blind classifier (:func:`eval.demo_classifier.colour_blind`) must
+    recognise each sample by its shape alone, since every demo class also has its own colour.
+    """
     from eval.demo_classifier import DEMO_FID_LABEL, classifier_fid, load_demo_classifier, load_split
 
     pipe = load_pipeline(
         generator=cfg.generator, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
         tokenizer_checkpoint=cfg.tokenizer_checkpoint, sampling={k: cfg[k] for k in SAMPLING_KEYS},
     ).to(device)
-    root = cfg.data_root or pipe.extra.get("data", {}).get("root")
+    data = pipe.extra.get("data", {})
+    root = cfg.data_root or data.get("root")
+    builtin = data.get("builtin") or ("demo" if data.get("demo") else None)
+    if root and builtin and not cfg.data_root and not (Path(root) / "train").is_dir():
+        from tokenizer.builtin import make_builtin_dataset
+
+        make_builtin_dataset(builtin, root, size=pipe.tokenizer.image_size)  # a fresh directory: make it again
     if not root or not (Path(root) / "train").is_dir():
         raise FileNotFoundError(f"demo data not found at {root}: pass data_root=... (the folder with train/ and val/)")
-    classifier = load_demo_classifier(root, device=str(device))
+    res = pipe.tokenizer.image_size
+    classifier = load_demo_classifier(root, device=str(device), steps=cfg.classifier_steps, resolution=res)
+    shape_judge = load_demo_classifier(root, device=str(device), colour_blind=True, steps=cfg.colour_blind_steps,
+                                       resolution=res)
     num_classes = pipe.generator.num_classes
     labels = class_balanced_labels(cfg.demo_per_class * num_classes, num_classes)
     rng = torch.Generator(device=device).manual_seed(cfg.seed)
-    feats, correct = [], torch.zeros(num_classes)
+    feats, correct, shape_correct, sampled = [], torch.zeros(num_classes), torch.zeros(num_classes), []
     for start in tqdm(range(0, len(labels), cfg.batch_size), desc="demo samples", unit="batch", disable=None):
         y = labels[start : start + cfg.batch_size].to(device)
         with torch.inference_mode(), autocast(device, cfg.dtype):
             tokens = sample_tokens(pipe.generator, y, rng=rng, **pipe.sampling)
             images = pipe.tokenizer.decode(tokens).float()
+        sampled.append(tokens.cpu())
         images = to_uint8(images).float() / 255  # judged as saved
         pred = classifier.classify(images).argmax(-1)
         correct += torch.bincount(y[pred == y].cpu(), minlength=num_classes).float()
+        pred = shape_judge.classify(images).argmax(-1).to(y.device)
+        shape_correct += torch.bincount(y[pred == y].cpu(), minlength=num_classes).float()
         feats.append(classifier.features(images).cpu())
         if cfg.save_images and start == 0:
             save_png(images, Path(cfg.save_images) / "demo_samples.png")
-    val_images, _ = load_split(root, "val", resolution=classifier.resolution, classes=classifier.classes)
+    val_images, val_labels = load_split(root, "val", resolution=classifier.resolution, classes=classifier.classes)
     real = classifier.features(val_images.float() / 255).cpu()
+    with torch.inference_mode():
+        real_tokens = torch.cat([pipe.tokenizer.encode(part.to(device).float() / 255).cpu()
+                                 for part in val_images.split(cfg.batch_size)])
+    n = min(int(torch.bincount(val_labels).min()), cfg.demo_per_class)  # equal counts per class for both
+
+    def first_n(y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nonzero(y == c).flatten()[:n] for c in range(num_classes)])
+
+    fake_keep, real_keep = first_n(labels), first_n(val_labels)
     train_images, _ = load_split(root, "train", resolution=classifier.resolution, classes=classifier.classes)
     # An evenly strided subset (the split is ordered by class) the size of val: real-vs-real scale.
     step = max(1, len(train_images) // len(val_images))
     train_feats = classifier.features(train_images[::step][: len(val_images)].float() / 255).cpu()
     per_class = (correct / cfg.demo_per_class).tolist()
+    fake = torch.cat(feats)
+    precision, recall = precision_recall(fake, real)
+    real_precision, real_recall = precision_recall(train_feats, real)
     return {
         "metric": "demo", "class_accuracy": float(correct.sum()) / len(labels), "per_class_accuracy": per_class,
-        "classifier_fid": classifier_fid(real, torch.cat(feats)),
+        "colour_blind_accuracy": float(shape_correct.sum()) / len(labels),
+        "colour_blind_per_class_accuracy": (shape_correct / cfg.demo_per_class).tolist(),
+        "colour_blind_val_accuracy": shape_judge.config.get("val_accuracy"),
+        "classifier_fid": classifier_fid(real, fake),
         "classifier_fid_real_train_vs_val": classifier_fid(real, train_feats),
+        "precision": precision, "recall": recall,
+        "token_entropy_bits": token_entropy(torch.cat(sampled)[fake_keep], labels[fake_keep]),
+        "token_entropy_bits_real_val": token_entropy(real_tokens[real_keep], val_labels[real_keep]),
+        "precision_recall_real_train_vs_val": [real_precision, real_recall],
         "fid_label": DEMO_FID_LABEL, "classifier_val_accuracy": classifier.config.get("val_accuracy"),
         "num_samples": len(labels), "model": pipe.source, "sampling": pipe.sampling, "seed": cfg.seed,
         "data_root": str(root), "generator_step": pipe.extra.get("global_step"),
@@ -273,9 +340,14 @@ def summary(result: dict) -> str:
     if result["metric"] == "rFID":
         return (f"rFID {result['fid']:.3f}, PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
                 f"over {result['num_images']} images ({result['tokenizer']})")
+    worst = min(result["colour_blind_per_class_accuracy"])
     return (f"demo: {100 * result['class_accuracy']:.1f}% of {result['num_samples']} samples recognised as their class; "
+            f"by shape alone (colour-blind classifier) {100 * result['colour_blind_accuracy']:.1f}% "
+            f"(worst class {100 * worst:.0f}%); "
             f"{result['fid_label']} {result['classifier_fid']:.3f} (real train vs val: "
-            f"{result['classifier_fid_real_train_vs_val']:.3f})")
+            f"{result['classifier_fid_real_train_vs_val']:.3f}); precision {result['precision']:.3f}, "
+            f"recall {result['recall']:.3f} (real train vs val: {result['precision_recall_real_train_vs_val'][0]:.3f}, "
+            f"{result['precision_recall_real_train_vs_val'][1]:.3f})")
 
 
 @hydra.main(config_path="../conf/eval", config_name="gfid", version_base="1.3")
