@@ -76,9 +76,12 @@ def _shard_path(out_dir: Path, index: int) -> Path:
 def build_shards(
     *, tokenizer: torch.nn.Module, dataset: Dataset, out_dir: str | os.PathLike, batch_size: int = 64,
     device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0, rank: int = 0,
-    world_size: int = 1,
+    world_size: int = 1, flip: bool = True,
 ) -> int:
-    """Tokenize this rank's missing shards; returns how many images were skipped as unreadable."""
+    """Tokenize this rank's missing shards; returns how many images were skipped as unreadable.
+
+    ``flip``: each image and its mirror (two sequences an image, as official); False: the image only.
+    """
     out_dir, device = Path(out_dir), torch.device(device)
     n = len(dataset)
     num_shards = (n + batch_size - 1) // batch_size
@@ -101,12 +104,14 @@ def build_shards(
             pair_labels = np.zeros((0,), np.int32)
         else:
             images = images.to(device, non_blocking=True)
+            views = torch.cat([images, images.flip(-1)]) if flip else images
             with torch.inference_mode(), autocast(device, dtype):
-                both = tokenizer.encode(torch.cat([images, images.flip(-1)]))  # (2B, L)
+                encoded = tokenizer.encode(views)  # (2B or B, L)
             b = images.shape[0]
             # Interleave: row 2i is image i, row 2i+1 its mirror.
-            tokens = torch.stack([both[:b], both[b:]], 1).reshape(2 * b, -1).cpu().numpy().astype(np.uint16)
-            pair_labels = labels.repeat_interleave(2).numpy().astype(np.int32)
+            copies = 2 if flip else 1
+            tokens = encoded.view(copies, b, -1).transpose(0, 1).reshape(copies * b, -1).cpu().numpy().astype(np.uint16)
+            pair_labels = labels.repeat_interleave(copies).numpy().astype(np.int32)
         with atomic_path(_shard_path(out_dir, index)) as tmp, open(tmp, "wb") as f:
             np.savez(f, tokens=tokens, labels=pair_labels, skipped=np.int64(size - kept))
     return skipped
@@ -143,7 +148,9 @@ def merge_shards(
     return manifest
 
 
-def cache_manifest(*, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int) -> dict:
+def cache_manifest(
+    *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int, flip: bool = True
+) -> dict:
     """The identity a cache records and is checked against."""
     return {
         "format": FORMAT,
@@ -156,12 +163,15 @@ def cache_manifest(*, tokenizer: torch.nn.Module, tokenizer_source: str, dataset
         "num_images": len(dataset),
         "classes": list(getattr(dataset, "classes", [])),
         "dataset_root": str(getattr(dataset, "root", "")),
-        "flip": True,
+        "flip": bool(flip),
     }
 
 
-def check_cache(out_dir: str | os.PathLike, *, fingerprint: str | None = None, resolution: int | None = None) -> dict:
-    """Read a finished cache's manifest; refuse one made by another tokenizer or resolution."""
+def check_cache(
+    out_dir: str | os.PathLike, *, fingerprint: str | None = None, resolution: int | None = None,
+    flip: bool | None = None,
+) -> dict:
+    """Read a finished cache's manifest; refuse one made by another tokenizer, resolution or flip setting."""
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
     if not path.is_file():
@@ -179,13 +189,17 @@ def check_cache(out_dir: str | os.PathLike, *, fingerprint: str | None = None, r
         raise CacheMismatchError(
             f"token cache {out_dir} was made at resolution {manifest['resolution']}, not {resolution}"
         )
+    if flip is not None and manifest.get("flip", True) != flip:
+        raise CacheMismatchError(
+            f"token cache {out_dir} was made with flip={manifest.get('flip', True)}, not flip={flip}"
+        )
     return manifest
 
 
 def build_token_cache(
     *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset: Dataset, out_dir: str | os.PathLike,
     batch_size: int = 64, device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0,
-    fabric=None,
+    fabric=None, flip: bool = True,
 ) -> dict:
     """Build (or resume, or reuse) a cache; returns its manifest.
 
@@ -195,16 +209,18 @@ def build_token_cache(
     rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
-        tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, resolution=tokenizer.image_size
+        tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, resolution=tokenizer.image_size,
+        flip=flip,
     )
     if (Path(out_dir) / "manifest.json").is_file():
-        return check_cache(out_dir, fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"])
+        return check_cache(out_dir, fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
+                           flip=flip)
     if rank == 0:
         _check_partial(out_dir, manifest, batch_size)
     barrier()
     build_shards(
         tokenizer=tokenizer, dataset=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
-        num_workers=num_workers, rank=rank, world_size=world_size,
+        num_workers=num_workers, rank=rank, world_size=world_size, flip=flip,
     )
     barrier()
     if rank == 0:

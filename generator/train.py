@@ -26,6 +26,7 @@ from generator.training import MaskGITModule, ema_callback
 from tokenizer import load_tokenizer
 from tokenizer.checkpoints import save_model_file
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
+from tokenizer.schedule import schedule_callbacks
 from tokenizer.training import SaveLast
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,19 @@ def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
     from tokenizer.data import ImageFolderDataset
 
     root = Path(cfg.data.root)
-    if cfg.data.demo:
-        from tokenizer.demo_shapes import make_demo_dataset
+    if cfg.data.builtin:
+        from tokenizer.builtin import make_builtin_dataset
 
-        make_demo_dataset(
-            root, num_train_per_class=cfg.data.demo_train_per_class,
-            num_val_per_class=cfg.data.demo_val_per_class, size=tokenizer.image_size, seed=cfg.data.demo_seed,
-        )
+        make_builtin_dataset(cfg.data.builtin, root, size=tokenizer.image_size, seed=cfg.data.builtin_seed,
+                             demo_train_per_class=cfg.data.demo_train_per_class,
+                             demo_val_per_class=cfg.data.demo_val_per_class)
     split = root / cfg.data.split
     if not split.is_dir():
         raise FileNotFoundError(f"no image folder at {split} (expected <root>/{cfg.data.split}/<class>/*)")
     cache_dir = cfg.cache.dir
     if cache_dir is None:
-        cache_dir = Path("data/token_cache") / f"{root.name}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}"
+        suffix = "" if cfg.cache.flip else "-noflip"
+        cache_dir = Path("data/token_cache") / f"{root.name}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
     cache_dir = Path(cache_dir)
     if not (cache_dir / "manifest.json").is_file():
         if cfg.trainer.num_nodes > 1:
@@ -76,9 +77,10 @@ def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
         build_token_cache(
             tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=cache_dir,
             batch_size=cfg.cache.batch_size, device=device, dtype=cfg.cache.dtype, num_workers=cfg.cache.num_workers,
-            fabric=fabric,
+            fabric=fabric, flip=cfg.cache.flip,
         )
-    check_cache(cache_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size)
+    check_cache(cache_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size,
+                flip=cfg.cache.flip)
     return cache_dir
 
 
@@ -144,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
     last = ckpt_dir / "last.ckpt"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=0),
-        SaveLast(last),
+        SaveLast(last), *schedule_callbacks(max_time=tr.max_time, schedule_steps=tr.schedule_steps),
     ]
     if cfg.optim.ema:
         callbacks.append(ema_callback(cfg.optim.ema_max_decay))
@@ -164,7 +166,7 @@ def train(cfg: DictConfig) -> dict:
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming from %s", resume)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
 
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "cache_dir": str(cache_dir)}
     if trainer.is_global_zero:
@@ -172,7 +174,7 @@ def train(cfg: DictConfig) -> dict:
         extra = {
             "sampling": sampling,
             "tokenizer": {"spec": str(cfg.tokenizer.spec), "checkpoint": cfg.tokenizer.checkpoint},
-            "data": {"root": str(cfg.data.root), "split": str(cfg.data.split), "demo": bool(cfg.data.demo)},
+            "data": {"root": str(cfg.data.root), "split": str(cfg.data.split), "builtin": cfg.data.builtin},
             "classes": manifest["classes"], "global_step": trainer.global_step, "ema": bool(cfg.optim.ema),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }

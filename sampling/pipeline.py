@@ -46,18 +46,19 @@ def load_pipeline(
     """Load a generator and the tokenizer it was trained on; sampling settings from preset/checkpoint,
     overridden by the non-None entries of ``sampling``.
 
-    Nothing given: the latest demo run of ``python -m generator.train``.
+    Nothing given: the latest demo run of ``python -m generator.train`` in this directory
+    (``runs/generator/demo``), else the shipped demo generator. ``checkpoint`` may also name a
+    shipped generator (``maskgit_demo``).
     """
     from generator import load_generator
+    from generator.assets import shipped_path
     from generator.presets import PRESETS as GENERATOR_PRESETS
 
     if generator is None and checkpoint is None:
-        if not DEMO_CHECKPOINT.is_file():
-            raise CheckpointError(
-                f"no generator given and no demo run at {DEMO_CHECKPOINT}: run python -m generator.train first, "
-                "or pass checkpoint=... (and generator=<preset> for official weights)"
-            )
-        checkpoint = DEMO_CHECKPOINT
+        checkpoint = DEMO_CHECKPOINT if DEMO_CHECKPOINT.is_file() else "maskgit_demo"
+        log.info("generator: %s", checkpoint)
+    if isinstance(checkpoint, str) and shipped_path(checkpoint) is not None:
+        checkpoint = shipped_path(checkpoint)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise CheckpointError(f"generator checkpoint not found: {checkpoint}")
     spec = generator if generator is not None else checkpoint
