@@ -1,0 +1,1 @@
+"""Hydra configs of the entry points, one folder per entry point (shipped as package data)."""
