@@ -1,19 +1,23 @@
-"""Generator + tokenizer + sampling settings, loaded together and checked against each other.
+"""Generator + tokenizer + sampling settings, loaded together and checked against each other,
+and the batch loop that turns labels into images with them.
 
-Used by ``sampling.generate``, ``eval.gfid`` and the sampling benchmark.
+Used by ``sampling.generate``, ``sampling.serve``, ``eval.gfid`` and the sampling benchmark.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import logging
-
 import torch
 
+from sampling.sampler import sample_tokens
 from tokenizer import CheckpointError, load_tokenizer
 from tokenizer.checkpoints import read_model_extra
+from tokenizer.runtime import autocast, save_png
 
 log = logging.getLogger(__name__)
 DEMO_CHECKPOINT = Path("runs/generator/demo/generator.safetensors")
@@ -21,6 +25,7 @@ SAMPLING_KEYS = (
     "num_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow", "randomize_temperature",
     "softmax_temperature_annealing",
 )
+MODEL_KEYS = ("generator", "checkpoint", "tokenizer", "tokenizer_checkpoint")
 
 
 @dataclass
@@ -89,6 +94,56 @@ def load_pipeline(
             f"({gen.seq_len} tokens, {gen.codebook_size} codes)"
         )
     return Pipeline(gen.eval(), tok.eval(), settings, list(extra.get("classes", [])), str(spec), extra)
+
+
+def pipeline_kwargs(cfg: Mapping) -> dict:
+    """The :func:`load_pipeline` arguments of an entry point's config (the ``MODEL_KEYS`` and,
+    under ``sampling``, the ``SAMPLING_KEYS``; null means the checkpoint's or preset's value)."""
+    return {**{k: cfg[k] for k in MODEL_KEYS}, "sampling": {k: cfg[k] for k in SAMPLING_KEYS}}
+
+
+def sample_images(
+    pipe: Pipeline, labels: torch.Tensor, *, seed: int, batch_size: int = 32, dtype: str = "auto",
+    sampling: dict | None = None, on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample one image per label, ``batch_size`` at a time, on the device the pipeline is on.
+
+    labels: int64 [n] in [0, num_classes). seed: seeds one torch.Generator on that device that
+    every batch draws from in turn, so (seed, batch_size, settings) fix every image. sampling:
+    overrides of ``pipe.sampling``. on_step(done, total): called after every sampler step and
+    every decode, total = batches * (num_steps + 1). Returns float32 [n,3,H,W] in [0,1] on the CPU.
+    """
+    settings = {**pipe.sampling, **(sampling or {})}
+    device = next(pipe.generator.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    num_batches = math.ceil(len(labels) / batch_size)
+    total, done = num_batches * (settings["num_steps"] + 1), 0
+
+    def step(_):
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total)
+
+    images = []
+    for start in range(0, len(labels), batch_size):
+        batch = labels[start : start + batch_size].to(device)
+        with torch.inference_mode(), autocast(device, dtype):
+            tokens = sample_tokens(pipe.generator, batch, rng=rng, on_step=step, **settings)
+            images.append(pipe.tokenizer.decode(tokens).float().clamp(0, 1).cpu())
+        step(None)
+    return torch.cat(images)
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | os.PathLike) -> tuple[list[Path], Path]:
+    """Write float [n,3,H,W] in [0,1] as ``sample_<i>_class<label>.png`` each and ``grid.png``
+    (8 a row at most); returns (the sample paths in order, the grid path)."""
+    out = Path(out_dir)
+    paths = [
+        save_png(img, out / f"sample_{i:05d}_class{int(label)}.png") for i, (img, label) in enumerate(zip(images, labels))
+    ]
+    grid = save_png(images, out / "grid.png", nrow=min(8, len(images)))
+    return paths, grid
 
 
 def parse_classes(value, *, n: int, num_classes: int, rng: torch.Generator) -> torch.Tensor:

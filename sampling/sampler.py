@@ -7,6 +7,8 @@ from one forward over a doubled batch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from generator import official
@@ -48,6 +50,7 @@ def sample_tokens(
     randomize_temperature: float,
     softmax_temperature_annealing: bool,
     rng: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sample token sequences for ``labels`` with a masked-token ``generator``.
 
@@ -57,7 +60,9 @@ def sample_tokens(
     randomize_temperature: Gumbel noise scale, annealed as randomize_temperature * (1 - r);
     0 gives deterministic decoding. softmax_temperature_annealing: divide the logits by
     0.5 + 0.8 * (1 - r). rng: a torch.Generator on the generator's device; the same seed gives
-    the same tokens. Returns int64 [B, generator.seq_len] in [0, generator.codebook_size).
+    the same tokens. on_step: called after every step with the number of steps done
+    (1..num_steps), e.g. to show progress. Returns int64 [B, generator.seq_len] in
+    [0, generator.codebook_size).
     """
     if guidance_decay not in official.GUIDANCE_DECAYS:
         raise ValueError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(official.GUIDANCE_DECAYS)}")
@@ -81,6 +86,8 @@ def sample_tokens(
         sampled = _perturb(logits, temperature, rng).argmax(dim=-1)  # (B, N)
         sampled_logits = logits.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
         sampled = torch.where(is_mask, sampled, tokens)  # decoded tokens stay
+        if on_step is not None:
+            on_step(step + 1)
         if step == num_steps - 1:  # the last step re-masks nothing
             return sampled
 
