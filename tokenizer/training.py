@@ -441,4 +441,5 @@ class SaveLast(Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path)
+        # The full state (optimiser, loops, callbacks), not only the weights: a rerun resumes from it.
+        trainer.save_checkpoint(self.path, weights_only=False)
