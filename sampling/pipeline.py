@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from tokenizer import CheckpointError, load_tokenizer
+from tokenizer import CheckpointError, load_tokenizer, require_vq
 from tokenizer.checkpoints import read_model_extra
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def load_pipeline(
     if tok_spec is None:
         raise CheckpointError("which tokenizer decodes this generator's tokens? pass tokenizer=... (and tokenizer_checkpoint=...)")
     tok = load_tokenizer(tok_spec, tok_ckpt)
+    require_vq(tok, "MaskGIT generation")
     if tok.source.startswith("preset:"):
         log.warning("tokenizer %s has no weights (pass tokenizer_checkpoint=...): images will be noise", tok_spec)
     if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.seq_len:
