@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from generator.cache import TokenDataset, build_token_cache, check_cache, tokenizer_fingerprint
 from generator.presets import PRESETS as GENERATOR_PRESETS
 from generator.training import MaskGITModule, ema_callback
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, require_vq
 from tokenizer.checkpoints import save_model_file
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
 from tokenizer.training import SaveLast
@@ -49,7 +49,7 @@ def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_cl
 
 def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
     """Make the dataset (demo) and the token cache when missing; returns the cache directory."""
-    from tokenizer.data import ImageFolderDataset
+    from tokenizer.formats import dataset_name, open_split
 
     root = Path(cfg.data.root)
     if cfg.data.demo:
@@ -59,19 +59,17 @@ def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
             root, num_train_per_class=cfg.data.demo_train_per_class,
             num_val_per_class=cfg.data.demo_val_per_class, size=tokenizer.image_size, seed=cfg.data.demo_seed,
         )
-    split = root / cfg.data.split
-    if not split.is_dir():
-        raise FileNotFoundError(f"no image folder at {split} (expected <root>/{cfg.data.split}/<class>/*)")
     cache_dir = cfg.cache.dir
     if cache_dir is None:
-        cache_dir = Path("data/token_cache") / f"{root.name}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}"
+        cache_dir = Path("data/token_cache") / f"{dataset_name(root)}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}"
     cache_dir = Path(cache_dir)
     if not (cache_dir / "manifest.json").is_file():
         if cfg.trainer.num_nodes > 1:
             raise FileNotFoundError(
                 f"no token cache at {cache_dir}: with several nodes, build it first with python -m generator.cache"
             )
-        dataset = ImageFolderDataset(split, resolution=tokenizer.image_size, train=False)
+        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.get("format", "auto"),
+                             resolution=tokenizer.image_size)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         build_token_cache(
             tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=cache_dir,
@@ -115,6 +113,7 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
     run_dir = Path(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
+    require_vq(tokenizer, "MaskGIT training")
     cache_dir = prepare_cache(cfg, tokenizer)
     data = TokenDataset(cache_dir)
     manifest = data.manifest

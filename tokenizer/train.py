@@ -22,10 +22,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from tokenizer.checkpoints import save_model_file
-from tokenizer.data import ImageFolderDataset, collate_skip_bad
+from tokenizer.data import collate_skip_bad
+from tokenizer.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
 from tokenizer.presets import PRESETS
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
 from tokenizer.training import SaveLast, TiTokModule
@@ -44,34 +45,68 @@ def resolve_model(model: dict) -> dict:
         if preset not in PRESETS:
             raise ValueError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
         config = {**PRESETS[preset], **config}
+    if config.get("quantize_mode", "vq") != "vq":
+        raise ValueError(f"tokenizer training is implemented for VQ tokenizers only, not quantize_mode={config['quantize_mode']}")
     return config
 
 
 def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
-    """Train images (augmented) and a fixed random subset of held-out images (not augmented)."""
-    root = Path(cfg.data.root)
+    """Train images (augmented) and a fixed random subset of held-out images (not augmented).
+
+    ``data.root`` is any format of :mod:`tokenizer.formats`; WebDataset shards give an endless
+    shuffled stream for training (see :func:`_webdataset_datasets`).
+    """
+    root, fmt = cfg.data.root, cfg.data.get("format", "auto")
     if cfg.data.demo:
         from tokenizer.demo_shapes import make_demo_dataset
 
         make_demo_dataset(  # returns at once when the tree is there
-            root, num_train_per_class=cfg.data.demo_train_per_class,
+            Path(root), num_train_per_class=cfg.data.demo_train_per_class,
             num_val_per_class=cfg.data.demo_val_per_class, size=image_size, seed=cfg.seed,
         )
-    train_dir, val_dir = root / cfg.data.train_split, root / cfg.data.val_split
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"no image folder at {train_dir} (expected <root>/{cfg.data.train_split}/<class>/*)")
-    train_set = ImageFolderDataset(train_dir, resolution=image_size, train=True)
+    train_set = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=True)
+    if isinstance(train_set, WebDatasetShards):
+        return _webdataset_datasets(cfg, train_set, image_size)
     g = torch.Generator().manual_seed(cfg.seed)
-    if val_dir.is_dir():
-        val_set = ImageFolderDataset(val_dir, resolution=image_size, train=False)
+    if has_split(root, cfg.data.val_split, data_format=fmt):
+        val_set = open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size, train=False)
         order = torch.randperm(len(val_set), generator=g).tolist()
         return train_set, Subset(val_set, order[: cfg.data.val_images])
-    # No val split: hold out images of the train folder (seen without augmentation).
-    log.warning("no %s; holding out %d training images for validation", val_dir, cfg.data.val_images)
-    plain = ImageFolderDataset(train_dir, resolution=image_size, train=False)
+    # No val split: hold out images of the train split (seen without augmentation).
+    log.warning("no %s split in %s; holding out %d training images for validation", cfg.data.val_split, root,
+                cfg.data.val_images)
+    plain = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=False)
     order = torch.randperm(len(plain), generator=g).tolist()
     n_val = min(cfg.data.val_images, len(plain) // 10 or 1)
     return Subset(train_set, order[n_val:]), Subset(plain, order[:n_val])
+
+
+def _webdataset_datasets(cfg: DictConfig, shards: WebDatasetShards, image_size: int):
+    """Streamed shards: an endless shuffled training stream, and the first ``val_images`` readable
+    images of the val shards (or, without them, of the train shards, then left out of training)."""
+    from functools import partial
+
+    from tokenizer.data import preprocess
+
+    root, fmt, want = cfg.data.root, cfg.data.get("format", "auto"), cfg.data.val_images
+    held_out = not has_split(root, cfg.data.val_split, data_format=fmt)
+    val_shards = shards if held_out else open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size)
+    val, names = [], set()
+    for shard in range(len(val_shards)):
+        for image, label, name in val_shards.samples(shard):
+            item = decode_sample(image, label, name, partial(preprocess, resolution=image_size))
+            if item is not None:
+                val.append(item)
+                names.add(name)
+            if len(val) >= want:
+                break
+        if len(val) >= want:
+            break
+    if held_out:
+        log.warning("no %s shards; holding out the first %d training images for validation", cfg.data.val_split, len(val))
+    stream = WebDatasetTrainStream(shards, resolution=image_size, seed=cfg.seed,
+                                   exclude=frozenset(names) if held_out else frozenset())
+    return stream, val
 
 
 def usage_figure(counts: torch.Tensor, height: int = 96, width_per_code: int = 2) -> torch.Tensor:
@@ -120,7 +155,10 @@ def train(cfg: DictConfig) -> dict:
     train_set, val_set = build_datasets(cfg, model_config["image_size"])
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                      collate_fn=collate_skip_bad)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
+    if isinstance(train_set, IterableDataset):  # streamed shards: shuffled by the stream itself
+        train_loader = DataLoader(train_set, drop_last=True, **loader_kw)
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
 
     tr, loss, opt, cb = cfg.trainer, cfg.loss, cfg.optim, cfg.codebook
