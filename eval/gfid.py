@@ -202,6 +202,8 @@ def _rfid_batches(source, *, batch_size: int, limit: int | None, rank: int, worl
         return None
 
     for shard in range(len(source)):
+        if limit and seen >= limit:
+            break
         for sample in source.samples(shard):
             if limit and seen >= limit:
                 break

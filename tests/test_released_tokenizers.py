@@ -132,3 +132,21 @@ def test_nine_presets_have_the_official_configs_and_shapes():
         vq8k = load_tokenizer("titok_sl256_vq8k")
     assert vae.encoder.proj_out.weight.shape == (32, 768) and vae.decoder.embed.weight.shape == (1024, 16)
     assert vq8k.quantize.embedding.weight.shape == (8192, 64) and vq8k.decoder.head.weight.shape == (768, 1024)
+
+
+def test_maskgit_generation_refuses_a_vae_tokenizer(official_tiny):
+    from sampling.pipeline import load_pipeline
+
+    g = official_tiny / "generator_imagebert"
+    vae = FIXTURES / "official_vae_tiny" / "config.yaml"
+    with pytest.raises(CheckpointError, match=r"^MaskGIT generation needs a VQ tokenizer with discrete tokens; .*"
+                                              r"official_vae_tiny/config.yaml is a continuous \(VAE\) tokenizer$"):
+        load_pipeline(generator=g / "config.yaml", checkpoint=g / "generator.bin", tokenizer=vae)
+
+
+def test_tokenizer_training_refuses_a_vae_config():
+    from tokenizer.train import resolve_model
+
+    with pytest.raises(ValueError, match="tokenizer training is implemented for VQ tokenizers only"):
+        resolve_model({"preset": "titok_ll32_vae_c16", "image_size": None})
+    assert resolve_model({"preset": "titok_bl64_vq8k"})["codebook_size"] == 8192
