@@ -148,35 +148,105 @@ def evaluate_generator(cfg: DictConfig, fabric) -> dict:
     }
 
 
-def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
-    """rFID (reconstructions vs the originals), PSNR and SSIM over an image folder."""
-    from eval.fidelity import _ImageFiles
+def rfid_images(cfg: DictConfig, resolution: int):
+    """The rFID images of ``data_root`` in any format: a map-style dataset of (uint8 [3,R,R], label)
+    or None per unreadable image, or streamed WebDataset shards. A folder is read recursively
+    (class subfolders or not); the ADM centre crop (``center_crop_uint8``) prepares each image."""
+    from functools import partial
 
+    from eval.fidelity import center_crop_uint8
+    from tokenizer.data import ImageRecordsDataset
+    from tokenizer.formats import detect_format, open_split
+
+    fmt = detect_format(cfg.data_root) if cfg.get("data_format", "auto") == "auto" else cfg.data_format
+    transform = partial(center_crop_uint8, resolution=resolution)
+    split = cfg.get("split")
+    if fmt == "folder":
+        root = Path(cfg.data_root) / split if split else Path(cfg.data_root)
+        paths = list_image_files(root)
+        if not paths:
+            raise FileNotFoundError(f"no images under {root}")
+        records = [(str(p), 0, str(p)) for p in paths]
+        return ImageRecordsDataset(records, classes=[], resolution=resolution, train=False, transform=transform)
+    source = open_split(cfg.data_root, split, data_format=fmt, resolution=resolution, transform=transform)
+    if fmt == "webdataset":
+        source.transform = transform  # the streamed samples are decoded by _rfid_batches
+    return source
+
+
+def _rfid_batches(source, *, batch_size: int, limit: int | None, rank: int, world: int, start: int):
+    """This rank's batches (b % world == rank) from its ``start``-th on: (uint8 [B',3,R,R] or None, skipped).
+
+    Streamed shards are read in order by every rank; only its own batches are decoded."""
+    from tokenizer.formats import WebDatasetShards, decode_sample
+
+    def stack(items):
+        kept = [it[0] for it in items if it is not None]
+        return (torch.stack(kept) if kept else None), len(items) - len(kept)
+
+    if not isinstance(source, WebDatasetShards):
+        n = min(len(source), limit) if limit else len(source)
+        mine = list(range(0, n, batch_size))[rank::world]
+        for s in mine[start:]:
+            yield stack([source[i] for i in range(s, min(s + batch_size, n))])
+        return
+    transform = source.transform
+    b, seen, pending = 0, 0, []
+
+    def flush():
+        nonlocal b
+        batch, b = pending[:], b + 1
+        pending.clear()
+        if (b - 1) % world == rank and (b - 1) // world >= start:
+            return stack([decode_sample(*sample, transform) for sample in batch])
+        return None
+
+    for shard in range(len(source)):
+        if limit and seen >= limit:
+            break
+        for sample in source.samples(shard):
+            if limit and seen >= limit:
+                break
+            pending.append(sample)
+            seen += 1
+            if len(pending) == batch_size and (out := flush()) is not None:
+                yield out
+    if pending and (out := flush()) is not None:
+        yield out
+
+
+def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
+    """rFID (reconstructions vs the originals), PSNR and SSIM over a dataset in any format."""
     if not cfg.data_root:
         raise FileNotFoundError("mode=rfid needs data_root=... (e.g. the ImageNet val folder)")
     if not cfg.tokenizer:
         raise CheckpointError("mode=rfid needs tokenizer=... (and tokenizer_checkpoint=...)")
     device = fabric.device
     tok = load_tokenizer(cfg.tokenizer, cfg.tokenizer_checkpoint).to(device)
-    paths = list_image_files(cfg.data_root)
-    if cfg.num_samples and cfg.num_samples < len(paths):
-        paths = paths[: cfg.num_samples]
-    if not paths:
-        raise FileNotFoundError(f"no images under {cfg.data_root}")
-    files = _ImageFiles(paths, tok.image_size)
-    starts = list(range(0, len(paths), cfg.batch_size))
-    mine = starts[fabric.global_rank :: fabric.world_size]
+    source = rfid_images(cfg, tok.image_size)
+    if hasattr(source, "urls"):
+        total = None  # a stream: its length is known once read
+    else:
+        total = min(len(source), cfg.num_samples) if cfg.num_samples else len(source)
+    mine_total = None if total is None else len(list(range(0, total, cfg.batch_size))[fabric.global_rank :: fabric.world_size])
     real = InceptionFeatures(cfg.inception_weights, device=device, keep_logits=False, extractor=None)
     fake = InceptionFeatures(cfg.inception_weights, device=device, keep_logits=False, extractor=real.extractor)
-    fp = _fingerprint(tok=tok.source, root=str(cfg.data_root), n=len(paths), bs=cfg.batch_size, world=fabric.world_size,
-                      dtype=cfg.dtype, inception=cfg.inception_weights)
+    fp = _fingerprint(tok=tok.source, root=str(cfg.data_root), split=cfg.get("split"), n=total or cfg.num_samples,
+                      bs=cfg.batch_size, world=fabric.world_size, dtype=cfg.dtype, inception=cfg.inception_weights)
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     progress = Progress(state_dir / f"rfid-{fp}-rank{fabric.global_rank}.pt" if state_dir else None, fp)
     progress.restore([real, fake])
     sums = progress.sums or {"psnr": 0.0, "ssim": 0.0, "n": 0.0}
-    for k in tqdm(range(progress.done, len(mine)), desc="rFID", unit="batch", initial=progress.done, total=len(mine), disable=None):
-        s = mine[k]
-        x_u8 = torch.stack([files[i] for i in range(s, min(s + cfg.batch_size, len(paths)))]).to(device)
+    sums.setdefault("skipped", 0.0)
+    batches = _rfid_batches(source, batch_size=cfg.batch_size, limit=cfg.num_samples or None,
+                            rank=fabric.global_rank, world=fabric.world_size, start=progress.done)
+    for k, (x_u8, skipped) in enumerate(tqdm(batches, desc="rFID", unit="batch", initial=progress.done,
+                                             total=mine_total, disable=None), start=progress.done):
+        sums["skipped"] += skipped
+        progress.done, progress.sums = k + 1, sums
+        if x_u8 is None:
+            continue
+        x_u8 = x_u8.to(device)
         x = x_u8.float() / 255
         with torch.inference_mode(), autocast(device, cfg.dtype):
             recon = tok.decode(tok.encode(x)).float()
@@ -186,18 +256,20 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
         sums["psnr"] += float(psnr(x, recon_u8.float() / 255).sum())
         sums["ssim"] += float(ssim(x, recon_u8.float() / 255).sum())
         sums["n"] += len(x)
-        progress.done, progress.sums = k + 1, sums
         if progress.done % cfg.state_every == 0:
             progress.save([real, fake])
     progress.save([real, fake])
-    totals = torch.tensor([sums["psnr"], sums["ssim"], sums["n"]], dtype=torch.float64, device=device)
+    totals = torch.tensor([sums["psnr"], sums["ssim"], sums["n"], sums["skipped"]], dtype=torch.float64, device=device)
     totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
+    n = float(totals[2])
+    if n == 0:
+        raise FileNotFoundError(f"no readable images in {cfg.data_root}")
     mu_r, sigma_r = real.fid_stats()
     mu_f, sigma_f = fake.fid_stats()
-    n = float(totals[2])
     return {
         "metric": "rFID", "fid": fid_from_stats(mu_f, sigma_f, mu_r, sigma_r), "psnr": float(totals[0]) / n,
-        "ssim": float(totals[1]) / n, "num_images": int(n), "tokenizer": tok.source, "data_root": str(cfg.data_root),
+        "ssim": float(totals[1]) / n, "num_images": int(n), "num_skipped": int(totals[3]), "tokenizer": tok.source,
+        "data_root": str(cfg.data_root),
         "inception_weights": cfg.inception_weights or "torch-fidelity default", "dtype": cfg.dtype,
     }
 

@@ -1,7 +1,7 @@
 """Token cache: a frozen tokenizer turns an image dataset into token sequences with labels.
 
 Each image is tokenized as is and horizontally flipped (two sequences, as the official
-pre-tokenisation). Layout of a finished cache directory::
+pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a finished cache directory::
 
     manifest.json   format, tokenizer identity (source, config, fingerprint), resolution,
                     image and sequence counts, class names
@@ -13,6 +13,13 @@ atomically: a kill loses at most the batch in flight and a rerun resumes. Shard 
 dataset indices [i*S, (i+1)*S); rank r of W builds the shards with i % W == r, and rank 0
 merges them into the flat arrays once all exist. ``manifest.json`` is written last, so a
 directory with a manifest is complete.
+
+Streamed WebDataset shards (:class:`tokenizer.formats.WebDatasetShards`) have no index:
+rank r of W streams the tar shards with i % W == r, and batch c of tar i (its samples
+[c*S, (c+1)*S) in stream order) becomes ``shards/tar_IIIIII_CCCCCC.npz``; ``tar_IIIIII.done``
+records how many batches tar i had. A rerun skips the batches that exist without decoding
+them. The merged arrays follow tar order, then stream order: the same images stored as a
+folder (in its class-then-path order) give the same cache.
 """
 from __future__ import annotations
 
@@ -21,14 +28,17 @@ import json
 import logging
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from tokenizer.checkpoints import atomic_path
+from tokenizer.data import ImageFolderDataset, preprocess
+from tokenizer.formats import WebDatasetShards, decode_sample
 from tokenizer.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -99,31 +109,126 @@ def build_shards(
     for index, (images, labels, kept) in bar:
         size = min((index + 1) * batch_size, n) - index * batch_size
         skipped += size - kept
-        if images is None:
-            tokens = np.zeros((0, tokenizer.num_tokens), np.uint16)
-            pair_labels = np.zeros((0,), np.int32)
-        else:
-            images = images.to(device, non_blocking=True)
-            views = torch.cat([images, images.flip(-1)]) if flip else images
-            with torch.inference_mode(), autocast(device, dtype):
-                encoded = tokenizer.encode(views)  # (2B or B, L)
-            b = images.shape[0]
-            # Interleave: row 2i is image i, row 2i+1 its mirror.
-            copies = 2 if flip else 1
-            tokens = encoded.view(copies, b, -1).transpose(0, 1).reshape(copies * b, -1).cpu().numpy().astype(np.uint16)
-            pair_labels = labels.repeat_interleave(copies).numpy().astype(np.int32)
-        with atomic_path(_shard_path(out_dir, index)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, tokens=tokens, labels=pair_labels, skipped=np.int64(size - kept))
+        tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
+        _write_shard(_shard_path(out_dir, index), tokens, pair_labels, size - kept)
+    return skipped
+
+
+class _StreamBatches(IterableDataset):
+    """This rank's pending tar shards as batches: dicts with shard, chunk, images, labels, size, kept;
+    and one ``{"shard": i, "chunks": k}`` after each shard. DataLoader workers split the shards."""
+
+    def __init__(self, shards, pending: list[int], batch_size: int, out_dir: Path, resolution: int):
+        self.shards, self.pending, self.batch_size = shards, pending, batch_size
+        self.out_dir, self.resolution = out_dir, resolution
+
+    def _batch(self, shard: int, chunk: int, samples: list) -> dict:
+        transform = partial(preprocess, resolution=self.resolution)
+        decoded = [decode_sample(image, label, name, transform) for image, label, name in samples]
+        kept = [d for d in decoded if d is not None]
+        return {
+            "shard": shard, "chunk": chunk, "size": len(samples), "kept": len(kept),
+            "images": torch.stack([d[0] for d in kept]) if kept else None,
+            "labels": torch.tensor([d[1] for d in kept], dtype=torch.long),
+        }
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.pending[info.id :: info.num_workers] if info is not None else self.pending
+        for shard in mine:
+            chunk, samples = 0, []
+            for sample in self.shards.samples(shard):
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    if not _stream_shard_path(self.out_dir, shard, chunk).exists():
+                        yield self._batch(shard, chunk, samples)
+                    chunk, samples = chunk + 1, []
+            if samples:
+                if not _stream_shard_path(self.out_dir, shard, chunk).exists():
+                    yield self._batch(shard, chunk, samples)
+                chunk += 1
+            yield {"shard": shard, "chunks": chunk}
+
+
+def _stream_shard_path(out_dir: Path, shard: int, chunk: int) -> Path:
+    return out_dir / "shards" / f"tar_{shard:06d}_{chunk:06d}.npz"
+
+
+def _stream_done_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / "shards" / f"tar_{shard:06d}.done"
+
+
+def _write_shard(path: Path, tokens: np.ndarray, labels: np.ndarray, skipped: int) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens=tokens, labels=labels, skipped=np.int64(skipped))
+
+
+def _encode_pairs(tokenizer, images: torch.Tensor | None, labels: torch.Tensor, device, dtype, *, flip: bool = True):
+    """Images and their mirrors -> (tokens uint16 [2B, L] interleaved, labels int32 [2B]);
+    ``flip`` False: the images only ([B, L], [B])."""
+    if images is None:
+        return np.zeros((0, tokenizer.num_tokens), np.uint16), np.zeros((0,), np.int32)
+    images = images.to(device, non_blocking=True)
+    views = torch.cat([images, images.flip(-1)]) if flip else images
+    with torch.inference_mode(), autocast(device, dtype):
+        encoded = tokenizer.encode(views)  # (2B or B, L)
+    b, copies = images.shape[0], 2 if flip else 1
+    # Interleave: row 2i is image i, row 2i+1 its mirror.
+    tokens = encoded.view(copies, b, -1).transpose(0, 1).reshape(copies * b, -1).cpu().numpy().astype(np.uint16)
+    return tokens, labels.repeat_interleave(copies).numpy().astype(np.int32)
+
+
+def build_stream_shards(
+    *, tokenizer: torch.nn.Module, shards, out_dir: str | os.PathLike, batch_size: int = 64,
+    device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0, rank: int = 0, world_size: int = 1,
+    flip: bool = True,
+) -> int:
+    """Tokenize this rank's unfinished tar shards (streamed); returns how many images were skipped."""
+    out_dir, device = Path(out_dir), torch.device(device)
+    pending = [i for i in range(rank, len(shards), world_size) if not _stream_done_path(out_dir, i).exists()]
+    if not pending:
+        return 0
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    stream = _StreamBatches(shards, pending, batch_size, out_dir, tokenizer.image_size)
+    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(pending)),
+                        pin_memory=device.type == "cuda")
+    tokenizer = tokenizer.to(device).eval()
+    skipped = 0
+    bar = tqdm(total=len(pending), desc=f"token cache (rank {rank})", unit="tar", disable=None)
+    for item in loader:
+        if "chunks" in item:
+            with atomic_path(_stream_done_path(out_dir, item["shard"])) as tmp:
+                tmp.write_text(json.dumps({"chunks": int(item["chunks"])}))
+            bar.update(1)
+            continue
+        tokens, labels = _encode_pairs(tokenizer, item["images"], item["labels"], device, dtype, flip=flip)
+        skipped += int(item["size"]) - int(item["kept"])
+        _write_shard(_stream_shard_path(out_dir, item["shard"], item["chunk"]), tokens, labels,
+                     int(item["size"]) - int(item["kept"]))
+    bar.close()
     return skipped
 
 
 def merge_shards(
-    *, out_dir: str | os.PathLike, num_images: int, batch_size: int, manifest: dict
+    *, out_dir: str | os.PathLike, num_images: int | None, batch_size: int, manifest: dict,
+    num_tars: int | None = None,
 ) -> dict:
-    """Concatenate all shards into tokens.npy/labels.npy, write manifest.json, remove shards."""
+    """Concatenate all shards into tokens.npy/labels.npy, write manifest.json, remove shards.
+
+    ``num_tars``: the cache was built from that many streamed tar shards (``num_images`` is then
+    counted from the shards)."""
     out_dir = Path(out_dir)
-    num_shards = (num_images + batch_size - 1) // batch_size
-    paths = [_shard_path(out_dir, i) for i in range(num_shards)]
+    if num_tars is not None:
+        unfinished = [_stream_done_path(out_dir, i).name for i in range(num_tars) if not _stream_done_path(out_dir, i).exists()]
+        if unfinished:
+            raise RuntimeError(f"cannot merge the token cache: {len(unfinished)} tar shard(s) unfinished, e.g. {unfinished[0]}")
+        paths = [
+            _stream_shard_path(out_dir, i, c) for i in range(num_tars)
+            for c in range(json.loads(_stream_done_path(out_dir, i).read_text())["chunks"])
+        ]
+    else:
+        num_shards = (num_images + batch_size - 1) // batch_size
+        paths = [_shard_path(out_dir, i) for i in range(num_shards)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise RuntimeError(f"cannot merge the token cache: {len(missing)} shard(s) missing, e.g. {missing[0]}")
@@ -141,7 +246,10 @@ def merge_shards(
         del arr
     with atomic_path(out_dir / "labels.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate([p["labels"] for p in parts]).astype(np.int32))
-    manifest = dict(manifest, num_sequences=total, num_skipped=int(sum(int(p["skipped"]) for p in parts)))
+    num_skipped = int(sum(int(p["skipped"]) for p in parts))
+    manifest = dict(manifest, num_sequences=total, num_skipped=num_skipped)
+    if num_tars is not None:
+        manifest["num_images"] = total // (2 if manifest.get("flip", True) else 1) + num_skipped
     with atomic_path(out_dir / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out_dir / "shards", ignore_errors=True)
@@ -152,6 +260,7 @@ def cache_manifest(
     *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int, flip: bool = True
 ) -> dict:
     """The identity a cache records and is checked against."""
+    stream = isinstance(dataset, WebDatasetShards)
     return {
         "format": FORMAT,
         "tokenizer": {
@@ -160,9 +269,10 @@ def cache_manifest(
         "resolution": resolution,
         "num_tokens": tokenizer.num_tokens,
         "codebook_size": tokenizer.codebook_size,
-        "num_images": len(dataset),
+        "num_images": None if stream else len(dataset),  # streams: counted when merged
         "classes": list(getattr(dataset, "classes", [])),
         "dataset_root": str(getattr(dataset, "root", "")),
+        "data_format": getattr(dataset, "data_format", "folder" if isinstance(dataset, ImageFolderDataset) else None),
         "flip": bool(flip),
     }
 
@@ -206,6 +316,9 @@ def build_token_cache(
     With a launched ``lightning.Fabric``, every rank builds its own shards on its own device
     and rank 0 merges them; without one, this process does everything.
     """
+    from tokenizer import require_vq
+
+    require_vq(tokenizer, "a token cache for MaskGIT training")
     rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
@@ -215,27 +328,33 @@ def build_token_cache(
     if (Path(out_dir) / "manifest.json").is_file():
         return check_cache(out_dir, fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
                            flip=flip)
+    stream = isinstance(dataset, WebDatasetShards)
     if rank == 0:
-        _check_partial(out_dir, manifest, batch_size)
+        _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
     barrier()
-    build_shards(
-        tokenizer=tokenizer, dataset=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
-        num_workers=num_workers, rank=rank, world_size=world_size, flip=flip,
+    build = build_stream_shards if stream else build_shards
+    build(
+        tokenizer=tokenizer, **({"shards": dataset} if stream else {"dataset": dataset}), out_dir=out_dir,
+        batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers, rank=rank, world_size=world_size,
+        flip=flip,
     )
     barrier()
     if rank == 0:
-        merge_shards(out_dir=out_dir, num_images=len(dataset), batch_size=batch_size, manifest=manifest)
+        merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size, manifest=manifest,
+                     num_tars=len(dataset) if stream else None)
     barrier()
     return check_cache(out_dir)
 
 
-def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int) -> None:
+def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, shards: list[str] | None = None) -> None:
     """A half-built cache may only be resumed by the same tokenizer, data and batch size."""
     out_dir = Path(out_dir)
     plan = dict(
         fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
         num_images=manifest["num_images"], batch_size=batch_size,
     )
+    if shards is not None:
+        plan["shards"] = list(shards)
     path = out_dir / "shards" / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -263,22 +382,21 @@ class TokenDataset(Dataset):
 
 
 def _main(cfg) -> None:
-    """``python -m generator.cache``: tokenize an image folder, across GPUs/processes with Lightning Fabric."""
+    """``python -m generator.cache``: tokenize a dataset (any format of tokenizer.formats), across
+    GPUs/processes with Lightning Fabric."""
     from lightning import Fabric
 
     from tokenizer import load_tokenizer
-    from tokenizer.data import ImageFolderDataset
+    from tokenizer.formats import dataset_name, open_split
     from tokenizer.runtime import exit_on_user_error
 
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy)
     fabric.launch()
     with exit_on_user_error():
         tok = load_tokenizer(cfg.tokenizer, cfg.checkpoint)
-        split = Path(cfg.data_root) / cfg.split
-        if not split.is_dir():
-            raise FileNotFoundError(f"no image folder at {split}")
-        dataset = ImageFolderDataset(split, resolution=tok.image_size, train=False)
-        out_dir = cfg.out_dir or Path("data/token_cache") / f"{Path(cfg.data_root).name}-{cfg.split}-{tokenizer_fingerprint(tok)}"
+        dataset = open_split(cfg.data_root, cfg.split, data_format=cfg.data_format, resolution=tok.image_size)
+        name = f"{dataset_name(cfg.data_root)}-{cfg.split}-{tokenizer_fingerprint(tok)}"
+        out_dir = cfg.out_dir or Path("data/token_cache") / name
         manifest = build_token_cache(
             tokenizer=tok, tokenizer_source=str(cfg.tokenizer), dataset=dataset, out_dir=out_dir,
             batch_size=cfg.batch_size, device=fabric.device, dtype=cfg.dtype, num_workers=cfg.num_workers, fabric=fabric,

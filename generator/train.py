@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from generator.cache import TokenDataset, build_token_cache, check_cache, tokenizer_fingerprint
 from generator.presets import PRESETS as GENERATOR_PRESETS
 from generator.training import MaskGITModule, ema_callback
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, require_vq
 from tokenizer.checkpoints import save_model_file
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
 from tokenizer.schedule import schedule_callbacks
@@ -50,7 +50,7 @@ def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_cl
 
 def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
     """Make the dataset (demo) and the token cache when missing; returns the cache directory."""
-    from tokenizer.data import ImageFolderDataset
+    from tokenizer.formats import dataset_name, open_split
 
     root = Path(cfg.data.root)
     if cfg.data.builtin:
@@ -59,20 +59,18 @@ def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
         make_builtin_dataset(cfg.data.builtin, root, size=tokenizer.image_size, seed=cfg.data.builtin_seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
                              demo_val_per_class=cfg.data.demo_val_per_class)
-    split = root / cfg.data.split
-    if not split.is_dir():
-        raise FileNotFoundError(f"no image folder at {split} (expected <root>/{cfg.data.split}/<class>/*)")
     cache_dir = cfg.cache.dir
     if cache_dir is None:
         suffix = "" if cfg.cache.flip else "-noflip"
-        cache_dir = Path("data/token_cache") / f"{root.name}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
+        cache_dir = Path("data/token_cache") / f"{dataset_name(root)}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
     cache_dir = Path(cache_dir)
     if not (cache_dir / "manifest.json").is_file():
         if cfg.trainer.num_nodes > 1:
             raise FileNotFoundError(
                 f"no token cache at {cache_dir}: with several nodes, build it first with python -m generator.cache"
             )
-        dataset = ImageFolderDataset(split, resolution=tokenizer.image_size, train=False)
+        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.get("format", "auto"),
+                             resolution=tokenizer.image_size)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         build_token_cache(
             tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=cache_dir,
@@ -117,6 +115,7 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")
     run_dir = Path(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
+    require_vq(tokenizer, "MaskGIT training")
     cache_dir = prepare_cache(cfg, tokenizer)
     data = TokenDataset(cache_dir)
     manifest = data.manifest

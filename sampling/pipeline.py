@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sampling.sampler import sample_tokens
-from tokenizer import CheckpointError, load_tokenizer
+from tokenizer import CheckpointError, load_tokenizer, require_vq
 from tokenizer.checkpoints import read_model_extra
 from tokenizer.runtime import autocast, save_png
 
@@ -86,6 +86,7 @@ def load_pipeline(
     if tok_spec is None:
         raise CheckpointError("which tokenizer decodes this generator's tokens? pass tokenizer=... (and tokenizer_checkpoint=...)")
     tok = load_tokenizer(tok_spec, tok_ckpt)
+    require_vq(tok, "MaskGIT generation")
     if tok.source.startswith("preset:"):
         log.warning("tokenizer %s has no weights (pass tokenizer_checkpoint=...): images will be noise", tok_spec)
     if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.seq_len:

@@ -4,6 +4,10 @@
     tok = load_tokenizer("titok_l32", checkpoint="tokenizer_titok_l32.bin")
     tokens = tok.encode(images)   # float [B,3,H,W] in [0,1] -> int64 [B, num_tokens]
     images = tok.decode(tokens)   # int64 [B, num_tokens]   -> float [B,3,H,W] in [0,1]
+
+    vae = load_tokenizer("titok_bl64_vae_c16", checkpoint="titok_bl64_vae_c16.bin")
+    latents = vae.encode(images)  # -> float32 [B, num_tokens, 16], the posterior mean
+    images = vae.decode(latents)  # (vae.encode(images, generator=g) draws a sample instead)
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from tokenizer.checkpoints import CheckpointError, load_strict, read_own_model, 
 from tokenizer.model import TiTok, fsq_codebook_size
 from tokenizer.presets import PRESETS
 
-__all__ = ["TiTok", "build_tokenizer", "load_tokenizer", "CheckpointError", "PRESETS"]
+__all__ = ["TiTok", "build_tokenizer", "load_tokenizer", "require_vq", "CheckpointError", "PRESETS"]
 
 _CONFIG_KEYS = set(TiTok.__init__.__kwdefaults__)
 
@@ -33,6 +37,15 @@ def build_tokenizer(config: dict) -> TiTok:
     model = TiTok(**config)
     model.config = config
     return model
+
+
+def require_vq(tokenizer: TiTok, purpose: str) -> None:
+    """Raise CheckpointError (one line) unless ``tokenizer`` makes discrete tokens, as ``purpose`` needs."""
+    if getattr(tokenizer, "quantize_mode", "vq") != "vq":
+        source = getattr(tokenizer, "source", "the tokenizer")
+        raise CheckpointError(
+            f"{purpose} needs a VQ tokenizer with discrete tokens; {source} is a continuous (VAE) tokenizer"
+        )
 
 
 def _config_from(raw: dict, source: str) -> dict:
@@ -61,9 +74,10 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, Path | None, str]:
 def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> TiTok:
     """Build a TiTok from ``spec`` and load ``checkpoint`` strictly; returns it in eval mode.
 
-    spec: a preset name (``titok_l32``, ``titok_b64``, ``titok_s128``), a shipped model
-    (``titok_demo``: config and weights), an official config
-    file (YAML or HF ``config.json``), a directory with ``config.json`` and
+    spec: a preset name (the nine released tokenizers ``titok_l32``, ``titok_b64``,
+    ``titok_s128``, ``titok_bl64_vq8k``, ``titok_bl128_vq8k``, ``titok_sl256_vq8k``,
+    ``titok_ll32_vae_c16``, ``titok_bl64_vae_c16``, ``titok_bl128_vae_c16``, the small-data ``titok_small``), a shipped model (``titok_demo``: config and weights),
+    an official config file (YAML or HF ``config.json``), a directory with ``config.json`` and
     ``model.safetensors``/``pytorch_model.bin``, a Hugging Face repo id, or one of our own
     ``.safetensors`` model files. checkpoint: official weights (``tokenizer_titok_l32.bin``
     state dicts, HF ``model.safetensors``) or our own model file; it overrides weights found

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
         if hasattr(tok, "pixel_decoder"):
             tok.pixel_decoder = torch.compile(tok.pixel_decoder)
     x = torch.rand(args.batch_size, 3, tok.image_size, tok.image_size, device=device)
-    tokens = torch.randint(0, tok.codebook_size, (args.batch_size, tok.num_tokens), device=device)
+    if tok.quantize_mode == "vae":  # continuous latents instead of token ids
+        tokens = torch.randn(args.batch_size, tok.num_tokens, tok.token_size, device=device)
+    else:
+        tokens = torch.randint(0, tok.codebook_size, (args.batch_size, tok.num_tokens), device=device)
 
     def encode():
         with torch.inference_mode(), autocast(device, args.dtype):

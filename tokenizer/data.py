@@ -20,13 +20,17 @@ Bad files never crash a run:
   images smaller than the crop are upscaled by the resize. EXIF orientation is not applied
   (neither official nor torchvision's ImageFolder do).
 - unreadable files (not an image, corrupt, decompression bomb) make :func:`load_image_rgb` return
-  None with one warning line per file per process; :class:`ImageFolderDataset` then returns None
-  for that index and counts the file in ``num_skipped``, and :func:`collate_skip_bad` drops the
-  Nones from the batch.
+  None with one warning line per file per process; :class:`ImageFolderDataset` (and every
+  :class:`ImageRecordsDataset`) then returns None for that index and counts the file in
+  ``num_skipped``, and :func:`collate_skip_bad` drops the Nones from the batch.
+
+The other stores of ImageNet (Hugging Face datasets, WebDataset shards) are read by
+:mod:`tokenizer.formats` through the same loading and preprocessing.
 """
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -67,11 +71,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image_rgb(path: str | os.PathLike) -> Image.Image | None:
-    """Open any image file as an 8-bit 'RGB' PIL image, or None (with one warning) when unreadable."""
-    path = str(path)
+def load_image_rgb(path: str | os.PathLike | bytes, *, name: str | None = None) -> Image.Image | None:
+    """Open any image file (a path, or its bytes) as an 8-bit 'RGB' PIL image, or None (with one
+    warning naming ``name``, default the path) when unreadable."""
+    source = path
+    path = name if name is not None else ("<bytes>" if isinstance(source, bytes) else str(source))
+
+    def open_image():
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+
     try:
-        with Image.open(path) as im:
+        with open_image() as im:
             im.load()
             return to_rgb(im)
     except (OSError, SyntaxError, ValueError, EOFError):  # SyntaxError: Pillow's word for a bad header
@@ -84,7 +94,7 @@ def load_image_rgb(path: str | os.PathLike) -> Image.Image | None:
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
-        with Image.open(path) as im:
+        with open_image() as im:
             im.load()
             img = to_rgb(im)
         _warn_once(path, "image %s is truncated or damaged; using the part that decodes", path)
@@ -168,54 +178,90 @@ def list_images(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) 
     return list(out)
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<class>/**/<image>`` -> (float32 [3, R, R] in [0, 1], label int), or None for a bad file.
+class ImageRecordsDataset(Dataset):
+    """Image records -> (float32 [3, R, R] in [0, 1], label int), or None for an unreadable image.
 
-    ``classes`` are the sorted subfolder names (label = index); ``samples`` is a list of
-    (path str, label) sorted by class then path. ``num_skipped`` counts distinct unreadable files
-    met so far, in all DataLoader workers together (the flags live in shared memory). Use
-    :func:`collate_skip_bad` as the DataLoader's ``collate_fn``. Augmentation as :func:`preprocess`.
+    ``records`` is any sequence whose item i is ``(path or encoded bytes, label, name)`` (an image
+    folder's files, the rows of a Hugging Face dataset). ``num_skipped`` counts distinct
+    unreadable images met so far, in all DataLoader workers together (the flags live in shared
+    memory). Use :func:`collate_skip_bad` as the DataLoader's ``collate_fn``. Augmentation as
+    :func:`preprocess`; ``transform`` (PIL RGB image -> tensor) replaces that preprocessing.
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, resolution: int, train: bool, random_crop: bool = False,
-        random_flip: bool | None = None,
+        self, records, *, classes: list[str], resolution: int, train: bool, random_crop: bool = False,
+        random_flip: bool | None = None, transform=None,
     ):
-        self.root = Path(root)
+        self.records, self.classes = records, list(classes)
         self.resolution, self.train = int(resolution), bool(train)
         self.random_crop = bool(random_crop)
         self.random_flip = self.train if random_flip is None else bool(random_flip)
+        self.transform = transform
         if not self.train and (self.random_crop or self.random_flip):
             raise ValueError("random_crop/random_flip are training augmentations: pass train=True")
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no image folder at {self.root}")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        if not self.classes:
-            raise FileNotFoundError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
-        self.samples = [(p, label) for label, c in enumerate(self.classes) for p in _scan(str(self.root / c))]
-        if not self.samples:
-            raise FileNotFoundError(f"no images in the class folders of {self.root}")
-        self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self._bad = torch.zeros(len(records), dtype=torch.bool).share_memory_()
 
     @property
     def num_skipped(self) -> int:
         return int(self._bad.sum())
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        path, label = self.samples[index]
         if self._bad[index]:
             return None
-        img = load_image_rgb(path)
+        source, label, name = self.records[index]
+        img = load_image_rgb(source, name=name) if source is not None else None
         if img is None:
+            if source is None:
+                _warn_once(name, "skipping %s: no image", name)
             self._bad[index] = True
             return None
+        if self.transform is not None:
+            return self.transform(img), int(label)
         x = preprocess(
             img, self.resolution, train=self.train, random_crop=self.random_crop, random_flip=self.random_flip
         )
-        return x, label
+        return x, int(label)
+
+
+class _FolderRecords:
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[str, int, str]:
+        path, label = self.samples[i]
+        return path, label, path
+
+
+class ImageFolderDataset(ImageRecordsDataset):
+    """``root/<class>/**/<image>`` -> (float32 [3, R, R] in [0, 1], label int), or None for a bad file.
+
+    ``classes`` are the sorted subfolder names (label = index); ``samples`` is a list of
+    (path str, label) sorted by class then path. Otherwise as :class:`ImageRecordsDataset`.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, resolution: int, train: bool, random_crop: bool = False,
+        random_flip: bool | None = None, transform=None,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no image folder at {self.root}")
+        classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
+        self.samples = [(p, label) for label, c in enumerate(classes) for p in _scan(str(self.root / c))]
+        if not self.samples:
+            raise FileNotFoundError(f"no images in the class folders of {self.root}")
+        super().__init__(
+            _FolderRecords(self.samples), classes=classes, resolution=resolution, train=train,
+            random_crop=random_crop, random_flip=random_flip, transform=transform,
+        )
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.root)!r}, {len(self.classes)} classes, {len(self)} images, "

@@ -1,4 +1,4 @@
-"""TiTok: a 1D image tokenizer (ViT encoder -> latent tokens -> VQ -> ViT decoder -> pixels).
+"""TiTok: a 1D image tokenizer (ViT encoder -> latent tokens -> VQ or VAE -> ViT decoder -> pixels).
 
 Built from the smallest part up: attention block -> ViT encoder/decoder -> quantiser ->
 MaskGIT-VQGAN pixel decoder -> TiTok. Key names are this project's own; the official names
@@ -385,6 +385,12 @@ class TiTok(nn.Module):
     Images are float [B,3,H,W] in [0,1] (no mean/std normalisation, as the official code);
     tokens are int64 [B,N] in [0, codebook_size).
 
+    ``quantize_mode="vq"`` quantises each latent token to the nearest of ``codebook_size``
+    codes. ``"vae"`` (the released continuous tokenizers) has no codebook: the encoder
+    predicts a diagonal Gaussian posterior over ``token_size`` channels per token (mean and
+    log-variance, :func:`tokenizer.official.diagonal_gaussian`), and the decoder takes
+    latents float [B,N,T] instead of tokens; ``codebook_size`` is then None.
+
     ``decoder_output="proxy_codes"`` is the released two-stage design: the ViT decoder
     predicts logits over the 1024 MaskGIT-VQGAN codes, their softmax weights the VQGAN
     codebook and the VQGAN conv decoder renders pixels. ``"rgb"`` is the official
@@ -400,33 +406,40 @@ class TiTok(nn.Module):
     def __init__(
         self, *, image_size: int = 256, patch_size: int = 16, enc_width: int = 1024, enc_depth: int = 24,
         enc_heads: int = 16, dec_width: int = 1024, dec_depth: int = 24, dec_heads: int = 16,
-        num_latent_tokens: int = 32, codebook_size: int = 4096, token_size: int = 12, use_l2_norm: bool = True,
+        num_latent_tokens: int = 32, codebook_size: int | None = 4096, token_size: int = 12, use_l2_norm: bool = True,
         commitment_cost: float = 0.25, legacy_layout: bool = True, decoder_output: str = "proxy_codes",
         pixel_decoder_hidden_channels: int = 128, proxy_codebook_size: int = 1024, proxy_code_dim: int = 256,
         quantizer: str = "vq", fsq_levels: tuple[int, ...] | list[int] = (),
         pixel_decoder_channel_mult: tuple[int, ...] | list[int] = (1, 1, 2, 2, 4), pixel_decoder_res_blocks: int = 2,
         pixel_decoder_out_upscale: int = 1, conv_stem: bool = False, dense_mixing: int = 0,
+        quantize_mode: str = "vq",
     ):
         super().__init__()
+        if quantize_mode not in ("vq", "vae"):
+            raise ValueError(f"quantize_mode must be 'vq' or 'vae', got {quantize_mode!r}")
         if quantizer not in ("vq", "fsq"):
             raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")
         if decoder_output not in ("proxy_codes", "rgb", "conv"):
             raise ValueError(f"decoder_output must be 'proxy_codes', 'rgb' or 'conv', got {decoder_output!r}")
-        if quantizer == "fsq":
+        if quantizer == "fsq" and quantize_mode == "vq":
             codebook_size, token_size = fsq_codebook_size(fsq_levels), len(fsq_levels)
         self.image_size = image_size
         self.num_tokens = num_latent_tokens
-        self.codebook_size = codebook_size
+        self.token_size = token_size
+        self.quantize_mode = quantize_mode
+        self.codebook_size = codebook_size if quantize_mode == "vq" else None
         self.decoder_output = decoder_output
         self.latent_tokens = _embedding(num_latent_tokens, width=enc_width)
         self.encoder = TiTokEncoder(
             image_size=image_size, patch_size=patch_size, width=enc_width, depth=enc_depth, num_heads=enc_heads,
-            num_latent_tokens=num_latent_tokens, token_size=token_size, legacy_layout=legacy_layout,
+            num_latent_tokens=num_latent_tokens, legacy_layout=legacy_layout,
+            token_size=2 * token_size if quantize_mode == "vae" else token_size,  # VAE: mean and log-variance
             conv_stem=conv_stem, dense_mixing=dense_mixing,
         )
-        if quantizer == "fsq":
+        self.quantize = None
+        if quantize_mode == "vq" and quantizer == "fsq":
             self.quantize = FSQ(levels=fsq_levels)
-        else:
+        elif quantize_mode == "vq":
             self.quantize = VectorQuantizer(
                 codebook_size=codebook_size, token_size=token_size, use_l2_norm=use_l2_norm,
                 commitment_cost=commitment_cost,
@@ -453,7 +466,7 @@ class TiTok(nn.Module):
             )
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B,3,H,W] in [0,1] -> pre-quantisation latents float [B,N,T]."""
+        """float [B,3,H,W] in [0,1] -> pre-quantisation latents float [B,N,T] (VAE: [B,N,2T] posterior parameters)."""
         self._check_images(images)
         return self.encoder(images, self.latent_tokens)
 
@@ -472,13 +485,45 @@ class TiTok(nn.Module):
         return self.pixel_decoder(z_pixel)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """float [B,3,H,W] in [0,1] -> tokens int64 [B,N]."""
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VQ: float [B,3,H,W] in [0,1] -> tokens int64 [B,N].
+
+        VAE: -> latents float32 [B,N,T], the posterior mean, or with ``generator`` a sample
+        ``mean + std * noise`` drawn from it (noise on the generator's device).
+        """
+        if self.quantize_mode == "vae":
+            mean, std = self.posterior(images)
+            if generator is None:
+                return mean
+            b, n, t = mean.shape
+            # Drawn in the official [B,T,N] order: a generator seeded s gives the official
+            # sample after torch.manual_seed(s).
+            noise = torch.randn(b, t, n, generator=generator, device=generator.device).transpose(1, 2)
+            return mean + std * noise.to(mean.device)
+        if generator is not None:
+            raise ValueError("a VQ tokenizer encodes deterministically; generator= is for VAE tokenizers")
         return self.quantize(self.encode_latents(images))[1]
 
     @torch.no_grad()
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE only: float [B,3,H,W] in [0,1] -> (mean, std), each float32 [B,N,T], std > 0."""
+        if self.quantize_mode != "vae":
+            raise ValueError("posterior() is for VAE tokenizers; this one is VQ")
+        return official.diagonal_gaussian(self.encode_latents(images))
+
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int64 [B,N] in [0, codebook_size) -> images float [B,3,H,W] in [0,1]."""
+        """VQ: tokens int64 [B,N] in [0, codebook_size) -> images float [B,3,H,W] in [0,1].
+
+        VAE: latents float [B,N,T] (from :meth:`encode`) -> images float [B,3,H,W] in [0,1].
+        """
+        if self.quantize_mode == "vae":
+            if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.num_tokens, self.token_size) or not tokens.is_floating_point():
+                raise ValueError(
+                    f"a VAE tokenizer decodes float latents [B, {self.num_tokens}, {self.token_size}], "
+                    f"got {tokens.dtype} {tuple(tokens.shape)}"
+                )
+            return self.decode_latents(tokens).clamp(0.0, 1.0)
         if tokens.dim() != 2 or tokens.shape[1] != self.num_tokens:
             raise ValueError(f"tokens must be [B, {self.num_tokens}], got {tuple(tokens.shape)}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
@@ -487,6 +532,8 @@ class TiTok(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Training path: images [B,3,H,W] -> (reconstruction unclamped, tokens [B,N], quantiser losses)."""
+        if self.quantize_mode != "vq":
+            raise ValueError("training is implemented for VQ tokenizers only; this one is a VAE")
         z_q, tokens, losses = self.quantize(self.encode_latents(images))
         return self.decode_latents(z_q), tokens, losses
 

@@ -13,6 +13,15 @@ in ``tests/test_tokenizer_parity.py``:
 * Quantisation in float32 with the expanded squared distance (see VectorQuantizer).
 * The ViT decoder predicts logits over the 1024 MaskGIT-VQGAN codes; their softmax weights
   that codebook and the VQGAN decoder renders pixels (``finetune_decoder``).
+* ``diagonal_gaussian`` — the continuous tokenizers (``quantize_mode: vae``): the encoder's
+  2T channels per token are the posterior mean (first T) and log-variance (last T), the
+  log-variance clamped to ``LOGVAR_RANGE`` = [-30, 20], std = exp(logvar / 2), all in float32.
+  The decoder takes the latents as they are (no scale factor; the one in the official MaskGen
+  code belongs to that generator, not to the tokenizer).
+
+The single-stage VQ tokenizers (``*_vq8k``) need no quirk of their own: they are the
+non-legacy layout (a per-token output projection, an RGB decoder head) with an 8192 x 64
+codebook that is not l2-normalised.
 """
 from __future__ import annotations
 
@@ -23,15 +32,19 @@ from torch import nn
 
 from tokenizer.checkpoints import CheckpointError
 
-# Official ViT size names -> (width, depth, heads). "tiny" is not in the official tables: it
-# is the size that the parity fixture (shared/fixtures/official_tiny) added to them.
+# Official ViT size names -> (width, depth, heads). "tiny", "micro" and "mini" are not in the
+# official tables: they are the sizes that the parity fixtures (shared/fixtures/official_tiny,
+# tests/fixtures/official_vq8k_tiny and official_vae_tiny) added to them.
 VIT_SIZES = {
+    "micro": (24, 2, 2),
+    "mini": (32, 1, 4),
     "tiny": (64, 2, 4),
     "small": (512, 8, 8),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
 PIXEL_DECODER_LEVELS = 5  # channel_mult (1, 1, 2, 2, 4) of the MaskGIT-VQGAN decoder
+LOGVAR_RANGE = (-30.0, 20.0)  # the official DiagonalGaussianDistribution's clamp of the log-variance
 
 
 def legacy_latent_layout(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +62,18 @@ def resblock_shortcut_on_output(h: torch.Tensor, shortcut: nn.Module) -> torch.T
     return h + shortcut(h)
 
 
+def diagonal_gaussian(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official VAE posterior: params float [B,N,2T] -> (mean, std), each float32 [B,N,T].
+
+    Official: ``torch.chunk(parameters.float(), 2, dim=1)`` on [B,2T,1,N] (mean first),
+    ``logvar.clamp(-30, 20)``, ``std = exp(0.5 * logvar)``, with autocast off.
+    """
+    with torch.autocast(params.device.type, enabled=False):
+        mean, logvar = params.float().chunk(2, dim=-1)
+        logvar = logvar.clamp(*LOGVAR_RANGE)
+        return mean, torch.exp(0.5 * logvar)
+
+
 def is_official_config(config: dict) -> bool:
     return isinstance(config.get("model"), dict) and "vq_model" in config["model"]
 
@@ -57,8 +82,9 @@ def config_from_official(config: dict) -> dict:
     """An official TiTok config (YAML or HF config.json, as a dict) -> our TiTok kwargs."""
     vq = config["model"]["vq_model"]
     crop = config.get("dataset", {}).get("preprocessing", {}).get("crop_size", 256)
-    if vq.get("quantize_mode", "vq") != "vq":
-        raise CheckpointError(f"quantize_mode {vq.get('quantize_mode')!r} is not supported (only 'vq')")
+    mode = vq.get("quantize_mode", "vq")
+    if mode not in ("vq", "vae"):
+        raise CheckpointError(f"quantize_mode {mode!r} is not supported (only 'vq' and 'vae')")
     sizes = {}
     for part in ("enc", "dec"):
         name = vq[f"vit_{part}_model_size"]
@@ -76,13 +102,15 @@ def config_from_official(config: dict) -> dict:
         )
     if finetune_decoder and not legacy:
         raise CheckpointError("finetune_decoder with is_legacy: false is not an official combination")
-    return {
+    if finetune_decoder and mode == "vae":
+        raise CheckpointError("finetune_decoder needs quantize_mode: vq (as in the official code)")
+    config = {
         "image_size": int(crop),
         "patch_size": int(vq["vit_enc_patch_size"]),
         "enc_width": sizes["enc"][0], "enc_depth": sizes["enc"][1], "enc_heads": sizes["enc"][2],
         "dec_width": sizes["dec"][0], "dec_depth": sizes["dec"][1], "dec_heads": sizes["dec"][2],
         "num_latent_tokens": int(vq["num_latent_tokens"]),
-        "codebook_size": int(vq["codebook_size"]),
+        "codebook_size": int(vq["codebook_size"]) if mode == "vq" else None,
         "token_size": int(vq["token_size"]),
         "use_l2_norm": bool(vq.get("use_l2_norm", False)),
         "commitment_cost": float(vq.get("commitment_cost", 0.25)),
@@ -90,6 +118,12 @@ def config_from_official(config: dict) -> dict:
         "decoder_output": "proxy_codes" if finetune_decoder else "rgb",
         "pixel_decoder_hidden_channels": int(vq.get("pixel_decoder_hidden_channels", 128)),
     }
+    if mode == "vae":
+        # No codebook. The key is written only for VAE so VQ configs (and the fingerprints of
+        # token caches made from them) stay as they were.
+        config.update(quantize_mode="vae", codebook_size=None)
+        del config["use_l2_norm"], config["commitment_cost"]
+    return config
 
 
 def is_official_state_dict(state_dict: dict) -> bool:

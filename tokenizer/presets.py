@@ -1,22 +1,38 @@
-"""Released TiTok configurations (256x256, patch 16, codebook 4096 x 12, l2-normalised codes).
+"""The nine released TiTok tokenizers (all 256x256, patch 16) and the built-in demo.
 
-Each preset is our TiTok kwargs plus where the released weights live.
+Each preset is our TiTok kwargs plus where the released weights live:
+
+* legacy two-stage VQ (L-32, B-64, S-128): codebook 4096 x 12, l2-normalised codes, the
+  legacy latent layout, a ViT decoder predicting MaskGIT-VQGAN proxy codes;
+* single-stage VQ (``*_vq8k``): codebook 8192 x 64 without l2-normalisation, a base or
+  small encoder with a large RGB decoder;
+* continuous VAE (``*_vae_c16``): a diagonal Gaussian posterior of 16 channels per token.
+
+The official configs are ``configs/infer/TiTok/<preset>.yaml`` in the official repository.
 """
 from __future__ import annotations
 
 from tokenizer.official import VIT_SIZES
 
 
-def _titok(size: str, num_tokens: int) -> dict:
-    width, depth, heads = VIT_SIZES[size]
-    return {
+def _titok(enc: str, dec: str, num_tokens: int, *, kind: str) -> dict:
+    (enc_width, enc_depth, enc_heads), (dec_width, dec_depth, dec_heads) = VIT_SIZES[enc], VIT_SIZES[dec]
+    config = {
         "image_size": 256, "patch_size": 16,
-        "enc_width": width, "enc_depth": depth, "enc_heads": heads,
-        "dec_width": width, "dec_depth": depth, "dec_heads": heads,
-        "num_latent_tokens": num_tokens, "codebook_size": 4096, "token_size": 12,
-        "use_l2_norm": True, "commitment_cost": 0.25, "legacy_layout": True,
-        "decoder_output": "proxy_codes", "pixel_decoder_hidden_channels": 128,
+        "enc_width": enc_width, "enc_depth": enc_depth, "enc_heads": enc_heads,
+        "dec_width": dec_width, "dec_depth": dec_depth, "dec_heads": dec_heads,
+        "num_latent_tokens": num_tokens,
     }
+    if kind == "legacy_vq":
+        config.update(codebook_size=4096, token_size=12, use_l2_norm=True, commitment_cost=0.25, legacy_layout=True,
+                      decoder_output="proxy_codes", pixel_decoder_hidden_channels=128)
+    elif kind == "vq8k":
+        config.update(codebook_size=8192, token_size=64, use_l2_norm=False, commitment_cost=0.25, legacy_layout=False,
+                      decoder_output="rgb", pixel_decoder_hidden_channels=128)
+    else:  # vae: as tokenizer.official.config_from_official writes it
+        config.update(codebook_size=None, token_size=16, legacy_layout=False, decoder_output="rgb",
+                      pixel_decoder_hidden_channels=128, quantize_mode="vae")
+    return config
 
 
 def titok_small(image_size: int = 64) -> dict:
@@ -53,22 +69,41 @@ def small_image_size(side: int) -> int:
 
 
 PRESETS: dict[str, dict] = {
-    "titok_l32": _titok("large", 32),
-    "titok_b64": _titok("base", 64),
-    "titok_s128": _titok("small", 128),
+    "titok_l32": _titok("large", "large", 32, kind="legacy_vq"),
+    "titok_b64": _titok("base", "base", 64, kind="legacy_vq"),
+    "titok_s128": _titok("small", "small", 128, kind="legacy_vq"),
+    "titok_bl64_vq8k": _titok("base", "large", 64, kind="vq8k"),
+    "titok_bl128_vq8k": _titok("base", "large", 128, kind="vq8k"),
+    "titok_sl256_vq8k": _titok("small", "large", 256, kind="vq8k"),
+    "titok_ll32_vae_c16": _titok("large", "large", 32, kind="vae"),
+    "titok_bl64_vae_c16": _titok("base", "large", 64, kind="vae"),
+    "titok_bl128_vae_c16": _titok("base", "large", 128, kind="vae"),
     # The small-data recipe (experiment=small, experiment=demo): see titok_small.
     "titok_small": titok_small(64),
 }
 
 # Where a user online gets the released weights (Hugging Face repos with config.json +
-# model.safetensors), and the file names of the original .bin release.
+# model.safetensors, as listed in the official README_TiTok.md), and the file names of the
+# original .bin release (the official configs' experiment.tokenizer_checkpoint).
 HUB_REPOS = {
     "titok_l32": "yucornetto/tokenizer_titok_l32_imagenet",
     "titok_b64": "yucornetto/tokenizer_titok_b64_imagenet",
     "titok_s128": "yucornetto/tokenizer_titok_s128_imagenet",
+    "titok_bl64_vq8k": "yucornetto/tokenizer_titok_bl64_vq8k_imagenet",
+    "titok_bl128_vq8k": "yucornetto/tokenizer_titok_bl128_vq8k_imagenet",
+    "titok_sl256_vq8k": "yucornetto/tokenizer_titok_sl256_vq8k_imagenet",
+    "titok_ll32_vae_c16": "yucornetto/tokenizer_titok_ll32_vae_c16_imagenet",
+    "titok_bl64_vae_c16": "yucornetto/tokenizer_titok_bl64_vae_c16_imagenet",
+    "titok_bl128_vae_c16": "yucornetto/tokenizer_titok_bl128_vae_c16_imagenet",
 }
 RELEASED_FILES = {
     "titok_l32": "tokenizer_titok_l32.bin",
     "titok_b64": "tokenizer_titok_b64.bin",
     "titok_s128": "tokenizer_titok_s128.bin",
+    "titok_bl64_vq8k": "tokenizer_titok_bl64_vq8k.bin",
+    "titok_bl128_vq8k": "tokenizer_titok_bl128_vq8k.bin",
+    "titok_sl256_vq8k": "tokenizer_titok_sl256_vq8k.bin",
+    "titok_ll32_vae_c16": "titok_ll32_vae_c16.bin",
+    "titok_bl64_vae_c16": "titok_bl64_vae_c16.bin",
+    "titok_bl128_vae_c16": "titok_bl128_vae_c16.bin",
 }

@@ -1,6 +1,9 @@
 """Reconstruct images through a TiTok tokenizer: inputs beside reconstructions, tokens printed.
 
     python -m tokenizer.reconstruct inputs=photos/ tokenizer=titok_l32 checkpoint=tokenizer_titok_l32.bin
+    python -m tokenizer.reconstruct inputs=photos/ tokenizer=titok_bl64_vae_c16 checkpoint=titok_bl64_vae_c16.bin
+
+A VAE tokenizer reconstructs from its posterior mean; its latents are summarised, not printed.
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ def reconstruct(
     *, tokenizer: str, checkpoint: str | None, inputs: str | list[str], out_dir: str, batch_size: int = 8,
     device: str = "auto", dtype: str = "fp32",
 ) -> list[dict]:
-    """Encode and decode every readable image; returns one record per image (path, tokens, output, psnr)."""
+    """Encode and decode every readable image; returns one record per image.
+
+    Record: path, output (PNG of input beside reconstruction), psnr (dB), and ``tokens`` (list
+    of ids) for a VQ tokenizer or ``latents`` (shape, mean, std of the posterior mean) for a VAE.
+    """
     dev = pick_device(device)
     tok = load_tokenizer(tokenizer, checkpoint).to(dev)
     paths = list_images(inputs)
@@ -53,7 +60,13 @@ def reconstruct(
                 name = f"{p.stem}_{len(records)}_recon.png"
             used.add(name)
             target = save_png(torch.stack([xi, ri]), out / name, nrow=2)
-            records.append({"path": str(p), "tokens": ti.tolist(), "output": str(target), "psnr": float(10 * torch.log10(1 / mse))})
+            record = {"path": str(p), "output": str(target), "psnr": float(10 * torch.log10(1 / mse))}
+            if tok.quantize_mode == "vae":
+                ti = ti.float()
+                record["latents"] = {"shape": list(ti.shape), "mean": float(ti.mean()), "std": float(ti.std())}
+            else:
+                record["tokens"] = ti.tolist()
+            records.append(record)
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
     if not records:
@@ -70,7 +83,12 @@ def main(cfg: DictConfig) -> None:
             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )
     for r in records:
-        print(f"{r['path']}: psnr {r['psnr']:.2f} dB -> {r['output']}\n  tokens {r['tokens']}")
+        if "tokens" in r:
+            detail = f"tokens {r['tokens']}"
+        else:
+            lat = r["latents"]
+            detail = f"latents {lat['shape']} (posterior mean: mean {lat['mean']:.3f}, std {lat['std']:.3f})"
+        print(f"{r['path']}: psnr {r['psnr']:.2f} dB -> {r['output']}\n  {detail}")
     print(f"{len(records)} image(s) reconstructed into {cfg.out_dir}")
 
 

@@ -22,11 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from tokenizer.builtin import NATIVE_SIZE, make_builtin_dataset
 from tokenizer.checkpoints import save_model_file
 from tokenizer.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
+from tokenizer.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
 from tokenizer.presets import PRESETS, small_image_size, titok_small
 from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
 from tokenizer.schedule import schedule_callbacks
@@ -55,6 +56,8 @@ def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
         if preset not in PRESETS:
             raise ValueError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
         config = {**PRESETS[preset], **config}
+    if config.get("quantize_mode", "vq") != "vq":
+        raise ValueError(f"tokenizer training is implemented for VQ tokenizers only, not quantize_mode={config['quantize_mode']}")
     return config
 
 
@@ -72,34 +75,68 @@ def first_image_side(root: Path) -> int:
 
 
 def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
-    """Train images (augmented) and a fixed random subset of held-out images (not augmented)."""
-    root = Path(cfg.data.root)
+    """Train images (augmented) and a fixed random subset of held-out images (not augmented).
+
+    ``data.root`` is any format of :mod:`tokenizer.formats`; WebDataset shards give an endless
+    shuffled stream for training (see :func:`_webdataset_datasets`). ``data.in_memory``: the
+    train split is decoded once into RAM (small datasets).
+    """
+    root, fmt = cfg.data.root, cfg.data.get("format", "auto")
     if cfg.data.builtin:  # returns at once when the tree is there
-        make_builtin_dataset(cfg.data.builtin, root, size=image_size, seed=cfg.seed,
+        make_builtin_dataset(cfg.data.builtin, Path(root), size=image_size, seed=cfg.seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
                              demo_val_per_class=cfg.data.demo_val_per_class)
-    train_dir, val_dir = root / cfg.data.train_split, root / cfg.data.val_split
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"no image folder at {train_dir} (expected <root>/{cfg.data.train_split}/<class>/*)")
     if cfg.data.in_memory:  # small datasets: decode once, augment (flip) on the tensor
-        train_set = InMemoryImages(ImageFolderDataset(train_dir, resolution=image_size, train=False),
-                                   random_flip=cfg.data.hflip, desc=f"loading {train_dir}")
+        plain_train = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=False)
+        train_set = InMemoryImages(plain_train, random_flip=cfg.data.hflip, desc=f"loading {root}")
         log.info("%d training images in memory (%d unreadable skipped)", len(train_set), train_set.num_skipped)
     else:
-        train_set = ImageFolderDataset(train_dir, resolution=image_size, train=True, random_flip=cfg.data.hflip)
+        train_set = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=True,
+                               random_flip=cfg.data.hflip)
+    if isinstance(train_set, WebDatasetShards):
+        return _webdataset_datasets(cfg, train_set, image_size)
     g = torch.Generator().manual_seed(cfg.seed)
-    if val_dir.is_dir():
-        val_set = ImageFolderDataset(val_dir, resolution=image_size, train=False)
+    if has_split(root, cfg.data.val_split, data_format=fmt):
+        val_set = open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size, train=False)
         order = torch.randperm(len(val_set), generator=g).tolist()
         return train_set, Subset(val_set, order[: cfg.data.val_images])
-    # No val split: hold out images of the train folder (seen without augmentation).
-    log.warning("no %s; holding out %d training images for validation", val_dir, cfg.data.val_images)
-    plain = ImageFolderDataset(train_dir, resolution=image_size, train=False)
+    # No val split: hold out images of the train split (seen without augmentation).
+    log.warning("no %s split in %s; holding out %d training images for validation", cfg.data.val_split, root,
+                cfg.data.val_images)
+    plain = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=False)
     if cfg.data.in_memory:
         plain = InMemoryImages(plain)
     order = torch.randperm(len(plain), generator=g).tolist()
     n_val = min(cfg.data.val_images, len(plain) // 10 or 1)
     return Subset(train_set, order[n_val:]), Subset(plain, order[:n_val])
+
+
+def _webdataset_datasets(cfg: DictConfig, shards: WebDatasetShards, image_size: int):
+    """Streamed shards: an endless shuffled training stream, and the first ``val_images`` readable
+    images of the val shards (or, without them, of the train shards, then left out of training)."""
+    from functools import partial
+
+    from tokenizer.data import preprocess
+
+    root, fmt, want = cfg.data.root, cfg.data.get("format", "auto"), cfg.data.val_images
+    held_out = not has_split(root, cfg.data.val_split, data_format=fmt)
+    val_shards = shards if held_out else open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size)
+    val, names = [], set()
+    for shard in range(len(val_shards)):
+        for image, label, name in val_shards.samples(shard):
+            item = decode_sample(image, label, name, partial(preprocess, resolution=image_size))
+            if item is not None:
+                val.append(item)
+                names.add(name)
+            if len(val) >= want:
+                break
+        if len(val) >= want:
+            break
+    if held_out:
+        log.warning("no %s shards; holding out the first %d training images for validation", cfg.data.val_split, len(val))
+    stream = WebDatasetTrainStream(shards, resolution=image_size, seed=cfg.seed,
+                                   exclude=frozenset(names) if held_out else frozenset())
+    return stream, val
 
 
 def usage_figure(counts: torch.Tensor, height: int = 96, width_per_code: int = 2) -> torch.Tensor:
@@ -156,7 +193,10 @@ def train(cfg: DictConfig) -> dict:
     train_set, val_set = build_datasets(cfg, model_config["image_size"])
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                      collate_fn=collate_skip_bad)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
+    if isinstance(train_set, IterableDataset):  # streamed shards: shuffled by the stream itself
+        train_loader = DataLoader(train_set, drop_last=True, **loader_kw)
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
 
     tr, loss, opt, cb = cfg.trainer, cfg.loss, cfg.optim, cfg.codebook
