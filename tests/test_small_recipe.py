@@ -127,7 +127,7 @@ def test_fit_schedule_to_time_sets_the_cosine_horizon():
     module = SimpleNamespace(hparams=SimpleNamespace(max_steps=10**6))
     trainer = SimpleNamespace(global_step=0, max_steps=10**6, callbacks=[])
     cb.on_train_start(trainer, module)
-    clock = iter([0.0, 2.0])  # 4 steps in 2 s: 2 steps/s
+    clock = iter([0.0, 2.0, 3.0])  # 4 steps in 2 s (2 steps/s), then 4 in 1 s (4 steps/s)
     import tokenizer.schedule as sched
 
     real = sched.time.perf_counter
@@ -141,6 +141,14 @@ def test_fit_schedule_to_time_sets_the_cosine_horizon():
     # No Timer callback: 100 s left at 2 steps/s with a 0.95 margin -> 190 more steps.
     assert module.hparams.max_steps == 6 + 190 == cb.horizon
     assert cb.state_dict() == {"horizon": 196}
+    sched.time.perf_counter = lambda: next(clock)
+    try:
+        for step in range(7, 11):  # measured again: now 4 steps/s -> 380 more steps
+            trainer.global_step = step
+            cb.on_train_batch_end(trainer, module, None, None, step)
+    finally:
+        sched.time.perf_counter = real
+    assert module.hparams.max_steps == 10 + 380 == cb.horizon
     lrs = [warmup_cosine(s, warmup_steps=5, max_steps=196, base_lr=1.0, end_lr=0.0) for s in (196, 300)]
     assert lrs == [0.0, 0.0]
 

@@ -39,8 +39,10 @@ class FitScheduleToTime(Callback):
     """Set ``pl_module.hparams.max_steps`` (the cosine's horizon) to the steps that fit in max_time.
 
     After ``skip`` steps (start-up, first validation) it times ``measure`` steps and sets the
-    horizon to ``step + rate * time_left * margin``, capped by the trainer's max_steps; the
-    horizon never drops below the current step. A resumed run measures again over what is left.
+    horizon to ``step + rate * time_left * margin``, capped by the trainer's max_steps; then it
+    measures again every ``measure`` steps while more than a tenth of the budget is left, so a
+    machine that gets faster or slower (other jobs starting or ending) moves the horizon with it.
+    The horizon never drops below the current step. A resumed run measures again over what is left.
     """
 
     def __init__(self, *, max_time_s: float, skip: int = 10, measure: int = 40, margin: float = 0.95):
@@ -58,11 +60,15 @@ class FitScheduleToTime(Callback):
         done = trainer.global_step - self._start_step
         if done == self.skip:
             self._t0 = time.perf_counter()
-        elif done == self.skip + self.measure and self._t0 is not None:
-            rate = self.measure / (time.perf_counter() - self._t0)
+        elif done > self.skip and (done - self.skip) % self.measure == 0 and self._t0 is not None:
+            now = time.perf_counter()
+            rate = self.measure / (now - self._t0)
+            self._t0 = now
             timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
             elapsed = timer.time_elapsed("train") if timer is not None else 0.0
             left = max(0.0, self.max_time_s - elapsed)
+            if self.horizon is not None and left < 0.1 * self.max_time_s:
+                return  # late in the run: keep the schedule steady
             horizon = trainer.global_step + int(rate * left * self.margin)
             self.horizon = max(trainer.global_step, min(horizon, trainer.max_steps))
             pl_module.hparams.max_steps = self.horizon
