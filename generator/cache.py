@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from generator.device_decode import EncodedImages, collate_encoded, decode_batch
 from tokenizer.checkpoints import atomic_path
 from tokenizer.data import ImageFolderDataset, preprocess
 from tokenizer.formats import WebDatasetShards, decode_sample
@@ -83,15 +84,39 @@ def _shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / "shards" / f"shard_{index:06d}.npz"
 
 
+DECODERS = ("pil", "device")
+
+
+def _on_device(batch, *, dataset, resolution: int, device: torch.device):
+    """A batch of file bytes (decode="device") -> (images on the device, labels, kept), as _collate."""
+    encoded, labels, indices = batch
+
+    def pil_path(j: int):
+        item = dataset[indices[j]]
+        return None if item is None else item[0]
+
+    images = decode_batch(encoded, resolution=resolution, device=device, fallback=pil_path)
+    keep = [j for j, image in enumerate(images) if image is not None]
+    if not keep:
+        return None, None, 0
+    return torch.stack([images[j] for j in keep]), labels[keep], len(keep)
+
+
 def build_shards(
     *, tokenizer: torch.nn.Module, dataset: Dataset, out_dir: str | os.PathLike, batch_size: int = 64,
     device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0, rank: int = 0,
-    world_size: int = 1, flip: bool = True,
+    world_size: int = 1, flip: bool = True, decode: str = "pil", compile: bool = False,
 ) -> int:
     """Tokenize this rank's missing shards; returns how many images were skipped as unreadable.
 
     ``flip``: each image and its mirror (two sequences an image, as official); False: the image only.
+    decode: "pil" (decode and resize in DataLoader workers with PIL: the reference) or "device"
+    (workers read bytes; JPEGs are decoded, resized and cropped on ``device``, see
+    :mod:`generator.device_decode`; needs ``dataset.samples``). compile: torch.compile the
+    tokenizer's encoder in place (its state dict is unchanged).
     """
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     out_dir, device = Path(out_dir), torch.device(device)
     n = len(dataset)
     num_shards = (n + batch_size - 1) // batch_size
@@ -99,14 +124,23 @@ def build_shards(
     if not pending:
         return 0
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(
-        dataset, batch_sampler=_ShardBatches(pending, batch_size, n), num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
+    batches = _ShardBatches(pending, batch_size, n)
+    if decode == "device":
+        loader = DataLoader(EncodedImages(dataset), batch_sampler=batches, num_workers=num_workers,
+                            collate_fn=collate_encoded)
+    else:
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=device.type == "cuda")
     skipped = 0
     tokenizer = tokenizer.to(device).eval()
+    if compile:
+        tokenizer.encoder.compile()
+    resolution = getattr(dataset, "resolution", tokenizer.image_size)
     bar = tqdm(zip(pending, loader), total=len(pending), desc=f"token cache (rank {rank})", unit="batch", disable=None)
-    for index, (images, labels, kept) in bar:
+    for index, batch in bar:
+        if decode == "device":
+            batch = _on_device(batch, dataset=dataset, resolution=resolution, device=device)
+        images, labels, kept = batch
         size = min((index + 1) * batch_size, n) - index * batch_size
         skipped += size - kept
         tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
@@ -257,9 +291,10 @@ def merge_shards(
 
 
 def cache_manifest(
-    *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int, flip: bool = True
+    *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int, flip: bool = True,
+    decode: str = "pil",
 ) -> dict:
-    """The identity a cache records and is checked against."""
+    """The identity a cache records and is checked against (``decode`` is recorded, not checked)."""
     stream = isinstance(dataset, WebDatasetShards)
     return {
         "format": FORMAT,
@@ -274,6 +309,7 @@ def cache_manifest(
         "dataset_root": str(getattr(dataset, "root", "")),
         "data_format": getattr(dataset, "data_format", "folder" if isinstance(dataset, ImageFolderDataset) else None),
         "flip": bool(flip),
+        "decode": decode,
     }
 
 
@@ -309,12 +345,13 @@ def check_cache(
 def build_token_cache(
     *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset: Dataset, out_dir: str | os.PathLike,
     batch_size: int = 64, device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0,
-    fabric=None, flip: bool = True,
+    fabric=None, flip: bool = True, decode: str = "pil", compile: bool = False,
 ) -> dict:
     """Build (or resume, or reuse) a cache; returns its manifest.
 
     With a launched ``lightning.Fabric``, every rank builds its own shards on its own device
-    and rank 0 merges them; without one, this process does everything.
+    and rank 0 merges them; without one, this process does everything. decode, compile: see
+    :func:`build_shards`.
     """
     from tokenizer import require_vq
 
@@ -323,7 +360,7 @@ def build_token_cache(
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
         tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, resolution=tokenizer.image_size,
-        flip=flip,
+        flip=flip, decode=decode,
     )
     if (Path(out_dir) / "manifest.json").is_file():
         return check_cache(out_dir, fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
@@ -332,12 +369,16 @@ def build_token_cache(
     if rank == 0:
         _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
     barrier()
-    build = build_stream_shards if stream else build_shards
-    build(
-        tokenizer=tokenizer, **({"shards": dataset} if stream else {"dataset": dataset}), out_dir=out_dir,
-        batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers, rank=rank, world_size=world_size,
-        flip=flip,
-    )
+    if stream:
+        build_stream_shards(
+            tokenizer=tokenizer, shards=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
+            num_workers=num_workers, rank=rank, world_size=world_size, flip=flip,
+        )
+    else:
+        build_shards(
+            tokenizer=tokenizer, dataset=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
+            num_workers=num_workers, rank=rank, world_size=world_size, flip=flip, decode=decode, compile=compile,
+        )
     barrier()
     if rank == 0:
         merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size, manifest=manifest,
@@ -351,13 +392,13 @@ def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, 
     out_dir = Path(out_dir)
     plan = dict(
         fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
-        num_images=manifest["num_images"], batch_size=batch_size,
+        num_images=manifest["num_images"], batch_size=batch_size, decode=manifest["decode"],
     )
     if shards is not None:
         plan["shards"] = list(shards)
     path = out_dir / "shards" / "plan.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {"decode": "pil", **json.loads(path.read_text())}  # plans from before decode="device"
         if old != plan:
             diff = ", ".join(k for k in plan if old.get(k) != plan[k])
             raise CacheMismatchError(f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
@@ -400,6 +441,7 @@ def _main(cfg) -> None:
         manifest = build_token_cache(
             tokenizer=tok, tokenizer_source=str(cfg.tokenizer), dataset=dataset, out_dir=out_dir,
             batch_size=cfg.batch_size, device=fabric.device, dtype=cfg.dtype, num_workers=cfg.num_workers, fabric=fabric,
+            decode=cfg.get("decode", "pil"), compile=cfg.get("compile", False),
         )
     if fabric.is_global_zero:
         print(

@@ -260,7 +260,19 @@ def num_to_remask(step_ratio: float, seq_len: int, is_mask: torch.Tensor) -> tor
     floor(seq_len * arccos(r) / (pi/2)), at most (masked - 1) of the batch's *first* row and at
     least 1. is_mask bool [B,N] (before the step) -> int64 0-dim tensor (no host sync).
     """
+    return clamp_remask(remask_target(step_ratio, seq_len), is_mask)
+
+
+def remask_target(step_ratio: float, seq_len: int) -> int:
+    """floor(seq_len * arccos(r) / (pi/2)), in float64 as the official numpy: the count before clamping."""
     from generator.schedules import arccos_mask_ratio
 
-    target = math.floor(seq_len * arccos_mask_ratio(step_ratio))
+    return math.floor(seq_len * arccos_mask_ratio(step_ratio))
+
+
+def clamp_remask(target: int | torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+    """The official clamp of the re-mask count: min(target, masked in the *first* row - 1), at least 1.
+
+    target: a Python int or an int64 0-dim tensor; is_mask bool [B,N] -> int64 0-dim tensor.
+    """
     return (is_mask[0].sum() - 1).clamp(max=target).clamp(min=1)

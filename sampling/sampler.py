@@ -4,38 +4,129 @@ re-mask the least confident, fewer each step (the official ``ImageBert.generate`
 The official guidance quirks (scale schedules and formulas, the re-mask count) live in
 :mod:`generator.official`; this file is the loop. Conditional and unconditional logits come
 from one forward over a doubled batch.
+
+The loop is split into a *plan* (every per-step constant, computed in Python before sampling
+starts) and one *step* function whose control flow depends only on the plan, never on tensor
+values. So a step needs no host synchronisation, has static shapes, and the same function
+runs eagerly here and compiled / captured in :mod:`sampling.fast`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from generator import official
 
 
-def _gumbel(shape: torch.Size, *, device: torch.device, rng: torch.Generator | None) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)), u ~ U[0,1), logs clamped at 1e-20 as official."""
-    u = torch.rand(shape, device=device, generator=rng)
+@dataclass(frozen=True)
+class StepKind:
+    """What shape of work a step does; the only things a step's control flow depends on.
+
+    guided: one forward over the doubled batch (cond + uncond); False only where the scale is 0.
+    noisy: Gumbel noise is added (temperature != 0). last: the last step re-masks nothing.
+    """
+
+    guided: bool
+    noisy: bool
+    last: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's constants: Python numbers, fixed before sampling starts."""
+
+    kind: StepKind
+    scale: float  # guidance scale (see official.guidance_scale_at)
+    temperature: float  # Gumbel noise scale
+    divisor: float  # logits are divided by it (1.0 without softmax temperature annealing)
+    remask_target: int  # floor(N * arccos(r) / (pi/2)) before the first-row clamp; 0 on the last step
+
+
+def plan_steps(
+    *, num_steps: int, seq_len: int, guidance_scale: float, guidance_decay: str, guidance_scale_pow: float = 3.0,
+    randomize_temperature: float, softmax_temperature_annealing: bool,
+) -> tuple[Step, ...]:
+    """The sampling settings -> one :class:`Step` per step (see :func:`sample_tokens` for the settings)."""
+    if guidance_decay not in official.GUIDANCE_DECAYS:
+        raise ValueError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(official.GUIDANCE_DECAYS)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    steps = []
+    for step in range(num_steps):
+        ratio = (step + 1) / num_steps
+        temperature = randomize_temperature * (1.0 - ratio)
+        scale = official.guidance_scale_at(
+            step, num_steps, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
+            guidance_scale_pow=guidance_scale_pow,
+        )
+        last = step == num_steps - 1
+        steps.append(Step(
+            kind=StepKind(guided=scale != 0, noisy=temperature != 0, last=last),
+            scale=scale, temperature=temperature,
+            divisor=(0.5 + 0.8 * (1 - ratio)) if softmax_temperature_annealing else 1.0,
+            remask_target=0 if last else official.remask_target(ratio, seq_len),
+        ))
+    return tuple(steps)
+
+
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Uniform draws u in [0,1) -> standard Gumbel noise -log(-log(u)), logs clamped at 1e-20 as official."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
-def _perturb(x: torch.Tensor, temperature: float, rng: torch.Generator | None) -> torch.Tensor:
-    if temperature == 0:  # the official code adds 0 * noise: nothing to draw
-        return x
-    return x + temperature * _gumbel(x.shape, device=x.device, rng=rng)
-
-
-def _guided_logits(
-    generator: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, *, scale: float, guidance_decay: str
+def sampling_step(
+    generator: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, *, kind: StepKind, guidance_decay: str,
+    scale: float | torch.Tensor, temperature: float | torch.Tensor, divisor: float | torch.Tensor,
+    remask_target: int | torch.Tensor, u_logits: torch.Tensor | None, u_confidence: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Guided logits float32 [B,N,K]; conditional only when the scale is 0 (as official)."""
-    if scale == 0:
-        return generator(tokens, labels).float()
-    null = torch.full_like(labels, generator.null_label)
-    logits = generator(torch.cat([tokens, tokens]), torch.cat([labels, null])).float()  # (2B, N, K)
-    cond, uncond = logits.chunk(2)
-    return official.apply_guidance(cond, uncond, scale, guidance_decay)
+    """One decoding step: tokens int64 [B,N] (mask_id where masked) -> int64 [B,N].
+
+    The constants are Python numbers (eager) or 0-dim tensors (float32; remask_target int64),
+    which keeps one compiled graph per ``kind``. u_logits float32 [B,N,K] and u_confidence
+    float32 [B,N] are uniform draws in [0,1), given exactly when ``kind.noisy`` (u_confidence
+    not on the last step). No host synchronisation and no branch on tensor values.
+    """
+    mask_id = generator.mask_id
+    is_mask = tokens == mask_id
+    if kind.guided:
+        null = torch.full_like(labels, generator.null_label)
+        both = generator(torch.cat([tokens, tokens]), torch.cat([labels, null])).float()  # (2B, N, K)
+        cond, uncond = both.chunk(2)
+        logits = official.apply_guidance(cond, uncond, scale, guidance_decay)
+    else:  # conditional only when the scale is 0, as official
+        logits = generator(tokens, labels).float()  # (B, N, K)
+    logits = logits / divisor
+
+    noisy = logits + temperature * gumbel(u_logits) if kind.noisy else logits
+    sampled = noisy.argmax(dim=-1)  # (B, N)
+    sampled_logits = logits.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+    sampled = torch.where(is_mask, sampled, tokens)  # decoded tokens stay
+    if kind.last:  # the last step re-masks nothing
+        return sampled
+
+    # Re-mask the least confident new tokens; decoded ones have confidence +inf.
+    confidence = torch.where(is_mask, sampled_logits, torch.inf)
+    if kind.noisy:
+        confidence = confidence + temperature * gumbel(u_confidence)
+    num_remask = official.clamp_remask(remask_target, is_mask)
+    cutoff = confidence.sort(dim=-1).values.gather(-1, (num_remask - 1).view(1, 1).expand(len(tokens), 1))
+    return torch.where(confidence <= cutoff, mask_id, sampled)
+
+
+def draw_uniforms(
+    step: Step, shape: tuple[int, int, int], *, device: torch.device, rng: torch.Generator | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The uniform draws one step needs, in the order the official loop draws them.
+
+    shape (B, N, K) -> (u_logits float32 [B,N,K] or None, u_confidence float32 [B,N] or None).
+    """
+    if not step.kind.noisy:  # the official code adds 0 * noise: nothing to draw
+        return None, None
+    u_logits = torch.rand(shape, device=device, generator=rng)
+    u_confidence = None if step.kind.last else torch.rand(shape[:2], device=device, generator=rng)
+    return u_logits, u_confidence
 
 
 @torch.no_grad()
@@ -64,36 +155,21 @@ def sample_tokens(
     (1..num_steps), e.g. to show progress. Returns int64 [B, generator.seq_len] in
     [0, generator.codebook_size).
     """
-    if guidance_decay not in official.GUIDANCE_DECAYS:
-        raise ValueError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(official.GUIDANCE_DECAYS)}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    steps = plan_steps(
+        num_steps=num_steps, seq_len=generator.seq_len, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
+        guidance_scale_pow=guidance_scale_pow, randomize_temperature=randomize_temperature,
+        softmax_temperature_annealing=softmax_temperature_annealing,
+    )
     labels = labels.long()
-    mask_id, seq_len = generator.mask_id, generator.seq_len
-    tokens = torch.full((labels.shape[0], seq_len), mask_id, dtype=torch.long, device=labels.device)
-    for step in range(num_steps):
-        ratio = (step + 1) / num_steps
-        temperature = randomize_temperature * (1.0 - ratio)
-        is_mask = tokens == mask_id
-        scale = official.guidance_scale_at(
-            step, num_steps, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
-            guidance_scale_pow=guidance_scale_pow,
+    b, n, k = labels.shape[0], generator.seq_len, generator.codebook_size
+    tokens = torch.full((b, n), generator.mask_id, dtype=torch.long, device=labels.device)
+    for step_index, step in enumerate(steps):
+        u_logits, u_confidence = draw_uniforms(step, (b, n, k), device=labels.device, rng=rng)
+        tokens = sampling_step(
+            generator, tokens, labels, kind=step.kind, guidance_decay=guidance_decay, scale=step.scale,
+            temperature=step.temperature, divisor=step.divisor, remask_target=step.remask_target,
+            u_logits=u_logits, u_confidence=u_confidence,
         )
-        logits = _guided_logits(generator, tokens, labels, scale=scale, guidance_decay=guidance_decay)  # (B, N, K)
-        if softmax_temperature_annealing:
-            logits = logits / (0.5 + 0.8 * (1 - ratio))
-
-        sampled = _perturb(logits, temperature, rng).argmax(dim=-1)  # (B, N)
-        sampled_logits = logits.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        sampled = torch.where(is_mask, sampled, tokens)  # decoded tokens stay
         if on_step is not None:
-            on_step(step + 1)
-        if step == num_steps - 1:  # the last step re-masks nothing
-            return sampled
-
-        # Re-mask the least confident new tokens; decoded ones have confidence +inf.
-        confidence = _perturb(torch.where(is_mask, sampled_logits, torch.inf), temperature, rng)
-        num_remask = official.num_to_remask(ratio, seq_len, is_mask)
-        cutoff = confidence.sort(dim=-1).values.gather(-1, (num_remask - 1).view(1, 1).expand(len(tokens), 1))
-        tokens = torch.where(confidence <= cutoff, mask_id, sampled)
-    return tokens  # not reached: num_steps >= 1
+            on_step(step_index + 1)
+    return tokens
