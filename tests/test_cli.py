@@ -168,9 +168,11 @@ def test_generate_mismatched_tokenizer(tiny, tmp_path):
 
 
 def test_generate_demo_run_default(tiny, tmp_path):
-    """No arguments: the demo run in ./runs, or one line saying there is none."""
-    proc = run_cli("sampling.generate", "n=2", f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
-    assert_one_line_error(proc, "no demo run", "python -m generator.train")
+    """No arguments: the demo run in ./runs, else the shipped demo generator."""
+    proc = run_cli("sampling.generate", "n=2", "class=1", f"out_dir={tmp_path / 'shipped'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "generator: maskgit_demo" in proc.stderr  # logged, on stderr: stdout holds only the paths
+    assert png_size(tmp_path / "shipped" / "sample_00000_class1.png") == (64, 64)
 
     # A demo checkpoint records its tokenizer, so it needs nothing else.
     _tiny_generator_file(
