@@ -212,7 +212,7 @@ def build_page(service: SamplingService, *, initial: Mapping | None = None):
     import gradio as gr
 
     initial = {k: v for k, v in (initial or {}).items() if v is not None}
-    first_n = _whole("n", initial.get("n", 16), 1, service.max_n)
+    first_n = min(_whole("n", initial.get("n", 16), 1, 2**31), service.max_n)
     settings = {**service.pipe.sampling, **initial}
     first_class = find_class(initial.get("class", 0), service.names)
     gen = service.pipe.generator
@@ -302,10 +302,16 @@ def main(cfg: DictConfig) -> None:
             batch_size=cfg.batch_size, max_n=cfg.max_n, max_steps=cfg.max_steps,
         )
         page = build_page(service, initial={k: cfg[k] for k in ("class", "n", "seed", *SAMPLING_KEYS)})
-        _, url, _ = page.launch(
-            server_name=cfg.host, server_port=cfg.port, prevent_thread_lock=True, quiet=True, show_error=True,
-            ssr_mode=False, mcp_server=False, **page_style(),
-        )
+        try:
+            _, url, _ = page.launch(
+                server_name=cfg.host, server_port=cfg.port, prevent_thread_lock=True, quiet=True, show_error=True,
+                ssr_mode=False, mcp_server=False, **page_style(),
+            )
+        except OSError:  # gradio's own message names its launch() arguments
+            raise OSError(
+                f"cannot listen on {cfg.host}:{cfg.port} (port in use, or not an address of this machine): "
+                "pass another port=... or host=..."
+            ) from None
         print(f"sampling page on {url} (generator {pipe.source}, {len(service.names)} classes); Ctrl+C stops it",
               flush=True)
         # A plain `kill` (SIGTERM) stops it as Ctrl+C does: server closed, request files removed.

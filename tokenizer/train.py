@@ -86,15 +86,14 @@ def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
         make_builtin_dataset(cfg.data.builtin, Path(root), size=image_size, seed=cfg.seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
                              demo_val_per_class=cfg.data.demo_val_per_class)
+    train_set = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=True,
+                           random_flip=cfg.data.hflip)
+    if isinstance(train_set, WebDatasetShards):  # streamed, never held in memory
+        return _webdataset_datasets(cfg, train_set, image_size)
     if cfg.data.in_memory:  # small datasets: decode once, augment (flip) on the tensor
         plain_train = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=False)
         train_set = InMemoryImages(plain_train, random_flip=cfg.data.hflip, desc=f"loading {root}")
         log.info("%d training images in memory (%d unreadable skipped)", len(train_set), train_set.num_skipped)
-    else:
-        train_set = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=True,
-                               random_flip=cfg.data.hflip)
-    if isinstance(train_set, WebDatasetShards):
-        return _webdataset_datasets(cfg, train_set, image_size)
     g = torch.Generator().manual_seed(cfg.seed)
     if has_split(root, cfg.data.val_split, data_format=fmt):
         val_set = open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size, train=False)
