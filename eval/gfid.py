@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import hydra
@@ -37,6 +38,7 @@ from eval.fidelity import (
     to_uint8,
 )
 from sampling import sample_tokens
+from sampling.fast import FastDecoder, StaticSampler, pipelined
 from sampling.pipeline import SAMPLING_KEYS, load_pipeline
 from tokenizer import CheckpointError, load_tokenizer
 from tokenizer.checkpoints import atomic_path
@@ -95,18 +97,37 @@ def _reference_stats(reference: str, *, cache: str | None, resolution: int, weig
     return load_reference_stats(path)
 
 
-def evaluate_generator(cfg: DictConfig, fabric) -> dict:
-    """gFID and IS of ``num_samples`` class-balanced samples against reference statistics."""
+def _sampler_and_decoder(pipe, cfg: DictConfig):
+    """(labels, rng) -> tokens and tokens -> images: eager by default, sampling.fast with compile modes."""
+    sampler_mode, decoder_mode = cfg.get("sampler_compile", "none"), cfg.get("decoder_compile", "none")
+    if sampler_mode == "none":
+        def sampler(labels, rng):
+            return sample_tokens(pipe.generator, labels, rng=rng, **pipe.sampling)
+    else:
+        sampler = StaticSampler(pipe.generator, sampling=pipe.sampling, compile=sampler_mode)
+    decoder = pipe.tokenizer.decode if decoder_mode == "none" else FastDecoder(
+        pipe.tokenizer, compile=decoder_mode, channels_last=True)
+    return sampler, decoder
+
+
+def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
+    """gFID and IS of ``num_samples`` class-balanced samples against reference statistics.
+
+    pipe: an already loaded :class:`sampling.pipeline.Pipeline` for cfg's models (benchmarks reuse
+    one, and with it the compiled code); None loads it.
+    """
     if not cfg.reference:
         raise ReferenceStatsError(
             "mode=inception needs reference=...: the ADM VIRTUAL_imagenet256_labeled.npz, an .npz written by eval, "
             "or an image folder"
         )
     device = fabric.device
-    pipe = load_pipeline(
-        generator=cfg.generator, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
-        tokenizer_checkpoint=cfg.tokenizer_checkpoint, sampling={k: cfg[k] for k in SAMPLING_KEYS},
-    ).to(device)
+    if pipe is None:
+        pipe = load_pipeline(
+            generator=cfg.generator, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
+            tokenizer_checkpoint=cfg.tokenizer_checkpoint, sampling={k: cfg[k] for k in SAMPLING_KEYS},
+        )
+    pipe.to(device)
     mu_ref, sigma_ref = _reference_stats(
         cfg.reference, cache=cfg.reference_cache, resolution=pipe.tokenizer.image_size, weights=cfg.inception_weights,
         device=device, fabric=fabric,
@@ -115,28 +136,54 @@ def evaluate_generator(cfg: DictConfig, fabric) -> dict:
     batches = [labels[i : i + cfg.batch_size] for i in range(0, len(labels), cfg.batch_size)]
     mine = list(range(fabric.global_rank, len(batches), fabric.world_size))
     acc = InceptionFeatures(cfg.inception_weights, device=device)
+    fast = {k: cfg.get(k, "none") for k in ("sampler_compile", "decoder_compile")}
+    fast = {k: v for k, v in fast.items() if v != "none"}  # only what changes the samples goes into the fingerprint
     fp = _fingerprint(source=pipe.source, checkpoint=cfg.checkpoint, tok=pipe.tokenizer.source, sampling=pipe.sampling,
                       n=cfg.num_samples, bs=cfg.batch_size, seed=cfg.seed, world=fabric.world_size, dtype=cfg.dtype,
-                      inception=cfg.inception_weights)
+                      inception=cfg.inception_weights, **fast)
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     progress = Progress(state_dir / f"gfid-{fp}-rank{fabric.global_rank}.pt" if state_dir else None, fp)
     progress.restore([acc])
-    for k in tqdm(range(progress.done, len(mine)), desc=f"gFID samples (rank {fabric.global_rank})", unit="batch",
-                  initial=progress.done, total=len(mine), disable=None):
+    sampler, decoder = _sampler_and_decoder(pipe, cfg)
+
+    # Three stages per batch; on a GPU with overlap each runs on its own CUDA stream, so batch k+2
+    # is sampled while k+1 decodes and k goes through Inception. The stages see the batches in
+    # order, so the statistics are accumulated exactly as one after the other.
+    def sample(k: int):
         b = mine[k]
         # One seed per batch, so a resumed or re-split run draws the same samples.
         rng = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
-        with torch.inference_mode(), autocast(device, cfg.dtype):
-            tokens = sample_tokens(pipe.generator, batches[b].to(device), rng=rng, **pipe.sampling)
-            images = pipe.tokenizer.decode(tokens).float()
+        return k, sampler(batches[b].to(device), rng)
+
+    def decode(item):
+        k, tokens = item
+        return k, decoder(tokens).float()
+
+    def inception(item):
+        k, images = item
         acc.update(to_uint8(images))
-        if cfg.save_images:
-            for j, img in enumerate(images):
-                idx = b * cfg.batch_size + j
-                save_png(img, Path(cfg.save_images) / f"{idx:06d}_class{int(batches[b][j])}.png")
-        progress.done = k + 1
-        if progress.done % cfg.state_every == 0:
-            progress.save([acc])
+        return k, images
+
+    stages = [sample, decode, inception]
+    todo = range(progress.done, len(mine))
+    bar = tqdm(total=len(mine), initial=progress.done, desc=f"gFID samples (rank {fabric.global_rank})", unit="batch",
+               disable=None)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(device, cfg.dtype):
+        for k, images in pipelined(todo, stages, device=device, overlap=cfg.get("overlap", True)):
+            if cfg.save_images:
+                b = mine[k]
+                for j, img in enumerate(images):
+                    idx = b * cfg.batch_size + j
+                    save_png(img, Path(cfg.save_images) / f"{idx:06d}_class{int(batches[b][j])}.png")
+            progress.done = k + 1
+            bar.update()
+            if progress.done % cfg.state_every == 0:
+                progress.save([acc])
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start  # sampling, decoding and Inception of this run's batches
     progress.save([acc])
     mu, sigma = acc.fid_stats()
     is_mean, is_std = acc.inception_score()
@@ -144,7 +191,8 @@ def evaluate_generator(cfg: DictConfig, fabric) -> dict:
         "metric": "gFID", "fid": fid_from_stats(mu, sigma, mu_ref, sigma_ref), "is_mean": is_mean, "is_std": is_std,
         "num_samples": acc.count, "model": pipe.source, "checkpoint": cfg.checkpoint, "sampling": pipe.sampling,
         "seed": cfg.seed, "reference": str(cfg.reference), "inception_weights": cfg.inception_weights or "torch-fidelity default",
-        "dtype": cfg.dtype, "processes": fabric.world_size,
+        "dtype": cfg.dtype, "processes": fabric.world_size, **fast, "overlap": bool(cfg.get("overlap", True)),
+        "loop_seconds": round(seconds, 2), "batches_this_run": len(todo),
     }
 
 
@@ -385,8 +433,8 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     }
 
 
-def run(cfg: DictConfig) -> dict:
-    """Dispatch on ``mode``; returns the result dict (on every rank)."""
+def run(cfg: DictConfig, pipe=None) -> dict:
+    """Dispatch on ``mode``; returns the result dict (on every rank). pipe: see evaluate_generator."""
     from lightning import Fabric
 
     mode = cfg.mode
@@ -400,7 +448,7 @@ def run(cfg: DictConfig) -> dict:
     if mode == "demo":
         return evaluate_demo(cfg, fabric.device)
     if mode == "inception":
-        return evaluate_generator(cfg, fabric)
+        return evaluate_generator(cfg, fabric, pipe)
     return evaluate_tokenizer(cfg, fabric)
 
 

@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 
 from generator.cache import TokenDataset, build_token_cache, check_cache, tokenizer_fingerprint
 from generator.presets import PRESETS as GENERATOR_PRESETS
+from generator.token_data import TokenDataModule
 from generator.training import MaskGITModule, ema_callback
 from tokenizer import load_tokenizer, require_vq
 from tokenizer.checkpoints import save_model_file
@@ -75,7 +75,8 @@ def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
         build_token_cache(
             tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=cache_dir,
             batch_size=cfg.cache.batch_size, device=device, dtype=cfg.cache.dtype, num_workers=cfg.cache.num_workers,
-            fabric=fabric, flip=cfg.cache.flip,
+            fabric=fabric, flip=cfg.cache.flip, decode=cfg.cache.get("decode", "pil"),
+            compile=cfg.cache.get("compile", False),
         )
     check_cache(cache_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size,
                 flip=cfg.cache.flip)
@@ -126,20 +127,18 @@ def train(cfg: DictConfig) -> dict:
     )
     sampling.update(OmegaConf.to_container(cfg.sampling, resolve=True))
 
-    n_val = max(1, int(len(data) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(data), generator=g).tolist()
-    train_set, val_set = Subset(data, order[n_val:]), Subset(data, order[:n_val])
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kw) if n_val else None
+    datamodule = TokenDataModule(
+        data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        on_device=cfg.get("data_on_device", "auto"),
+    )
+    has_val = datamodule.has_val
 
     tr = cfg.trainer
     module = MaskGITModule(
         model_config=model_config, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_steps, max_steps=tr.max_steps, end_lr=cfg.optim.end_lr,
         label_smoothing=cfg.optim.label_smoothing, unmasked_weight=cfg.optim.unmasked_weight,
-        class_dropout=cfg.optim.class_dropout,
+        class_dropout=cfg.optim.class_dropout, fused_adamw=cfg.get("fused_adamw"), compile=cfg.get("compile", False),
     )
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -158,14 +157,14 @@ def train(cfg: DictConfig) -> dict:
         default_root_dir=run_dir, max_steps=tr.max_steps, max_time=tr.max_time, accelerator=tr.accelerator,
         devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy, precision=resolve_precision(tr.precision),
         gradient_clip_val=tr.gradient_clip_val, log_every_n_steps=tr.log_every_n_steps,
-        val_check_interval=min(tr.val_check_interval, max(1, len(train_loader))) if val_loader else None,
-        limit_val_batches=tr.limit_val_batches if val_loader else 0, check_val_every_n_epoch=None if val_loader else 1,
+        val_check_interval=min(tr.val_check_interval, max(1, datamodule.train_batches())) if has_val else None,
+        limit_val_batches=tr.limit_val_batches if has_val else 0, check_val_every_n_epoch=None if has_val else 1,
         callbacks=callbacks, logger=CSVLogger(run_dir, name="logs"), enable_model_summary=False,
     )
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming from %s", resume)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "cache_dir": str(cache_dir)}
     if trainer.is_global_zero:

@@ -76,7 +76,10 @@ class MaskGITModule(L.LightningModule):
         self, *, model_config: dict, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.03, warmup_steps: int = 10_000, max_steps: int = 500_000, end_lr: float = 1e-5,
         label_smoothing: float = 0.1, unmasked_weight: float = 0.1, class_dropout: float = 0.1,
+        fused_adamw: bool | None = None, compile: bool = False,
     ):
+        """fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
+        torch.compile the network and the loss (the masking stays eager). Neither changes the recipe."""
         super().__init__()
         self.save_hyperparameters()
         self.model = build_generator(dict(model_config))
@@ -90,8 +93,9 @@ class MaskGITModule(L.LightningModule):
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.class_dropout
             labels = torch.where(drop, self.model.null_label, labels)
         inputs, mask = mask_tokens(tokens, self.model.mask_id)
-        logits = self.model(inputs, labels)
-        return masked_token_loss(
+        network, loss_fn = self._compiled() if self.hparams.get("compile") else (self.model, masked_token_loss)
+        logits = network(inputs, labels)
+        return loss_fn(
             logits, tokens, mask, label_smoothing=self.hparams.label_smoothing,
             unmasked_weight=self.hparams.unmasked_weight,
         )
@@ -113,7 +117,7 @@ class MaskGITModule(L.LightningModule):
             {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": self.hparams.weight_decay},
         ]
         hp = self.hparams
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_adamw() or None)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
             lambda step: warmup_cosine(
@@ -121,3 +125,37 @@ class MaskGITModule(L.LightningModule):
             ) / hp.lr,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _compiled(self) -> tuple:
+        # Kept in __dict__, not as a submodule: the state dict keeps its keys.
+        if "_compiled_parts" not in self.__dict__:
+            self.__dict__["_compiled_parts"] = (torch.compile(self.model), torch.compile(masked_token_loss))
+        return self.__dict__["_compiled_parts"]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled_parts", None)  # the EMA's deep copy takes the weights, not compiled code
+        return state
+
+    def _grad_scaler(self):
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def _fused_adamw(self) -> bool:
+        fused = self.hparams.get("fused_adamw")
+        if fused is None:  # fp16 loss scaling would unscale inside the fused step, before clipping
+            fused = self.device.type == "cuda" and self._grad_scaler() is None
+        return bool(fused)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because with
+        # fp16 loss scaling it unscales inside step(). Without a scaler (bf16, fp32) the gradients
+        # are already unscaled, so clipping them here is the same clipping the Trainer would do.
+        if not (gradient_clip_val and self._fused_adamw() and self._grad_scaler() is None):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+

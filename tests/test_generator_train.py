@@ -47,9 +47,12 @@ def test_demo_training_end_to_end_and_resume(official_tiny, tmp_path):
     assert train(cfg)["global_step"] == 9
 
 
-def test_ddp_two_cpu_processes(official_tiny, tmp_path):
+@pytest.mark.parametrize("on_device", ["false", "true"])  # a DataLoader + DistributedSampler; the cache on the device
+def test_ddp_two_cpu_processes(official_tiny, tmp_path, on_device):
     args = _overrides(official_tiny, tmp_path, 4)
-    args = [a for a in args if not a.startswith("trainer.devices")] + ["trainer.devices=2", "trainer.strategy=ddp"]
+    args = [a for a in args if not a.startswith("trainer.devices")] + [
+        "trainer.devices=2", "trainer.strategy=ddp", f"data_on_device={on_device}",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = subprocess.run(
         [sys.executable, "-m", "generator.train", *args], cwd=Path(__file__).resolve().parents[1],
