@@ -43,29 +43,26 @@ def cpu_has_native_bf16() -> bool:
 _logged_choices: set[tuple[str, str]] = set()
 
 
-def _log_choice_once(what: str, choice: str, why: str) -> None:
+def _auto_choice(what: str, *, cuda: bool, fast: str, plain: str) -> str:
+    """``fast`` (a bf16 setting) on CUDA and on CPUs with native bf16, else ``plain``; logged once per choice."""
+    if cuda:
+        choice, why = fast, "CUDA"
+    else:
+        native = cpu_has_native_bf16()
+        choice = fast if native else plain
+        why = ("CPU with native bf16 (AMX / AVX512-BF16)" if native
+               else "CPU without native bf16: bf16 would be emulated and slow")
     if (what, choice) not in _logged_choices:
         _logged_choices.add((what, choice))
         log.info("%s auto -> %s (%s)", what, choice, why)
-
-
-def _auto_cpu_bf16() -> tuple[bool, str]:
-    native = cpu_has_native_bf16()
-    return native, ("CPU with native bf16 (AMX / AVX512-BF16)" if native
-                    else "CPU without native bf16: bf16 would be emulated and slow")
+    return choice
 
 
 def resolve_dtype(device: torch.device, dtype: str) -> str:
     """'auto' -> 'bf16' on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else 'fp32';
     other names are checked and kept. The choice is logged once per process."""
     if dtype == "auto":
-        if device.type == "cuda":
-            choice, why = "bf16", "CUDA"
-        else:
-            native, why = _auto_cpu_bf16()
-            choice = "bf16" if native else "fp32"
-        _log_choice_once("dtype", choice, why)
-        return choice
+        return _auto_choice("dtype", cuda=device.type == "cuda", fast="bf16", plain="fp32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     return dtype
@@ -96,13 +93,7 @@ def resolve_precision(precision: str) -> str:
     '32-true' (see :func:`cpu_has_native_bf16`). The choice is logged once per process."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
-        choice, why = "bf16-mixed", "CUDA"
-    else:
-        native, why = _auto_cpu_bf16()
-        choice = "bf16-mixed" if native else "32-true"
-    _log_choice_once("precision", choice, why)
-    return choice
+    return _auto_choice("precision", cuda=torch.cuda.is_available(), fast="bf16-mixed", plain="32-true")
 
 
 @contextlib.contextmanager
