@@ -403,6 +403,17 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         real_tokens = torch.cat([pipe.tokenizer.encode(part.to(device).float() / 255).cpu()
                                  for part in val_images.split(cfg.batch_size)])
     n = min(int(torch.bincount(val_labels).min()), cfg.demo_per_class)  # equal counts per class for both
+    # The tokenizer's ceiling: what the judges make of its reconstructions of the real val images.
+    # A sample cannot keep a shape that the tokenizer's decoder never draws.
+    recon_correct, recon_shape, recon_psnr = torch.zeros(num_classes), torch.zeros(num_classes), 0.0
+    for part, part_tokens, y in zip(val_images.split(cfg.batch_size), real_tokens.split(cfg.batch_size),
+                                    val_labels.split(cfg.batch_size)):
+        with torch.inference_mode(), autocast(device, cfg.dtype):
+            recon = to_uint8(pipe.tokenizer.decode(part_tokens.to(device)).float()).float() / 255
+        recon_psnr += float(psnr(part.to(device).float() / 255, recon).sum())
+        recon_correct += torch.bincount(y[classifier.classify(recon).argmax(-1).cpu() == y], minlength=num_classes)
+        recon_shape += torch.bincount(y[shape_judge.classify(recon).argmax(-1).cpu() == y], minlength=num_classes)
+    val_counts = torch.bincount(val_labels, minlength=num_classes).clamp(min=1).float()
 
     def first_n(y: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.nonzero(y == c).flatten()[:n] for c in range(num_classes)])
@@ -430,6 +441,10 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         "fid_label": DEMO_FID_LABEL, "classifier_val_accuracy": classifier.config.get("val_accuracy"),
         "num_samples": len(labels), "model": pipe.source, "sampling": pipe.sampling, "seed": cfg.seed,
         "data_root": str(root), "generator_step": pipe.extra.get("global_step"),
+        "reconstruction_psnr": recon_psnr / len(val_labels),
+        "reconstruction_class_accuracy": float(recon_correct.sum()) / len(val_labels),
+        "reconstruction_colour_blind_accuracy": float(recon_shape.sum()) / len(val_labels),
+        "reconstruction_colour_blind_per_class_accuracy": (recon_shape / val_counts).tolist(),
     }
 
 
@@ -467,7 +482,10 @@ def summary(result: dict) -> str:
             f"{result['fid_label']} {result['classifier_fid']:.3f} (real train vs val: "
             f"{result['classifier_fid_real_train_vs_val']:.3f}); precision {result['precision']:.3f}, "
             f"recall {result['recall']:.3f} (real train vs val: {result['precision_recall_real_train_vs_val'][0]:.3f}, "
-            f"{result['precision_recall_real_train_vs_val'][1]:.3f})")
+            f"{result['precision_recall_real_train_vs_val'][1]:.3f}); the tokenizer's reconstructions of real val "
+            f"images: {result['reconstruction_psnr']:.2f} dB, colour-blind "
+            f"{100 * result['reconstruction_colour_blind_accuracy']:.1f}% "
+            f"(worst class {100 * min(result['reconstruction_colour_blind_per_class_accuracy']):.0f}%)")
 
 
 @hydra.main(config_path="../conf/eval", config_name="gfid", version_base="1.3")

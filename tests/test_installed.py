@@ -69,4 +69,7 @@ def test_demo_chain_from_an_empty_directory(installed, tmp_path):
     result = json.loads((cwd / "result.json").read_text())
     assert result["num_samples"] == 40 and result["model"] == str(Path("runs/generator/demo/generator.safetensors"))
     assert 0.0 <= result["colour_blind_accuracy"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+    # The tokenizer's ceiling, judged on its reconstructions of the 40 real val images.
+    assert len(result["reconstruction_colour_blind_per_class_accuracy"]) == 10
+    assert 0.0 <= result["reconstruction_colour_blind_accuracy"] <= 1.0 and result["reconstruction_psnr"] > 10
     assert "colour-blind" in out.stdout

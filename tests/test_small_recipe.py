@@ -53,6 +53,28 @@ def test_titok_small_shapes_at_each_size(size):
     assert tok.decode(tokens).shape == x.shape
 
 
+def test_sincos_positions_start_the_small_recipe_and_leave_released_presets_alone():
+    from tokenizer.model import sincos_grid
+    from tokenizer.presets import PRESETS
+
+    grid = sincos_grid(8, 128)
+    assert grid.shape == (64, 128)
+    # Every patch has its own code, and a code is closest to itself and its neighbours.
+    dist = torch.cdist(grid, grid)
+    assert dist.fill_diagonal_(float("inf")).min() > 0.1
+    assert int(dist[0].argmin()) in (1, 8)
+    torch.manual_seed(0)
+    tok = build_tokenizer(titok_small(32))
+    for part, scale in ((tok.encoder, 0.2), (tok.decoder, 1.0)):
+        assert torch.allclose(part.positional_embedding[1:], scale * sincos_grid(8, 128))
+    # Learnable, not a buffer: it trains like the random init it replaces.
+    assert tok.encoder.positional_embedding.requires_grad
+    # The released presets keep the official random init (their weights are loaded over it anyway).
+    assert not any(cfg.get("sincos_positions") for name, cfg in PRESETS.items() if name != "titok_small")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_grid(4, 30)
+
+
 def test_small_image_size_picks_the_next_supported_size():
     assert [small_image_size(s) for s in (8, 16, 28, 32, 33, 64, 256)] == [16, 16, 32, 32, 64, 64, 64]
     with pytest.raises(ValueError, match="16, 32 or 64"):

@@ -96,6 +96,30 @@ def _embedding(*shape: int, width: int) -> nn.Parameter:
     return nn.Parameter(width**-0.5 * torch.randn(*shape, width))
 
 
+def sincos_grid(grid_size: int, width: int) -> torch.Tensor:
+    """2D sine-cosine position codes (as MAE's) for a ``grid_size`` x ``grid_size`` patch grid:
+    float [G*G, width], row-major; half the channels code the row, half the column."""
+    if width % 4:
+        raise ValueError(f"sin-cos position codes need a width divisible by 4, got {width}")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * freqs  # (G, D/4)
+    axis = torch.cat([pos.sin(), pos.cos()], dim=1)  # (G, D/2)
+    rows = axis[:, None].expand(grid_size, grid_size, -1)
+    cols = axis[None, :].expand(grid_size, grid_size, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, width).float()
+
+
+def _init_patch_positions(embedding: nn.Parameter, grid_size: int, scale: float) -> None:
+    """Patch rows of a [1+G*G, D] positional embedding (row 0: the class token) <- scaled sin-cos codes.
+
+    They stay learnable. A small tokenizer trained from scratch must otherwise learn where each
+    patch is from random vectors before it can place an edge; with these it can read the
+    position linearly from the first step.
+    """
+    with torch.no_grad():
+        embedding[1:] = scale * sincos_grid(grid_size, embedding.shape[-1])
+
+
 class TiTokEncoder(nn.Module):
     """Patches + class token + learnable latent tokens -> ViT -> latent token features.
 
@@ -105,7 +129,7 @@ class TiTokEncoder(nn.Module):
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
         num_latent_tokens: int, token_size: int, legacy_layout: bool, conv_stem: bool = False,
-        dense_mixing: int = 0,
+        dense_mixing: int = 0, sincos_positions: bool = False,
     ):
         super().__init__()
         self.grid_size = image_size // patch_size
@@ -117,6 +141,8 @@ class TiTokEncoder(nn.Module):
             self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.class_embedding = _embedding(1, width=width)
         self.positional_embedding = _embedding(self.grid_size**2 + 1, width=width)
+        if sincos_positions:
+            _init_patch_positions(self.positional_embedding, self.grid_size, scale=0.2)
         self.latent_positional_embedding = _embedding(num_latent_tokens, width=width)
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
@@ -153,7 +179,7 @@ class TiTokDecoder(nn.Module):
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
         num_latent_tokens: int, token_size: int, output: str, proxy_codebook_size: int = 1024,
-        feature_channels: int = 0, dense_mixing: int = 0,
+        feature_channels: int = 0, dense_mixing: int = 0, sincos_positions: bool = False,
     ):
         super().__init__()
         if output not in ("proxy_codes", "rgb", "features"):
@@ -164,6 +190,8 @@ class TiTokDecoder(nn.Module):
         self.embed = nn.Linear(token_size, width)
         self.class_embedding = _embedding(1, width=width)
         self.positional_embedding = _embedding(self.grid_size**2 + 1, width=width)
+        if sincos_positions:
+            _init_patch_positions(self.positional_embedding, self.grid_size, scale=1.0)
         self.mask_token = _embedding(1, 1, width=width)
         self.latent_positional_embedding = _embedding(num_latent_tokens, width=width)
         self.norm_pre = nn.LayerNorm(width)
@@ -412,7 +440,7 @@ class TiTok(nn.Module):
         quantizer: str = "vq", fsq_levels: tuple[int, ...] | list[int] = (),
         pixel_decoder_channel_mult: tuple[int, ...] | list[int] = (1, 1, 2, 2, 4), pixel_decoder_res_blocks: int = 2,
         pixel_decoder_out_upscale: int = 1, conv_stem: bool = False, dense_mixing: int = 0,
-        quantize_mode: str = "vq",
+        quantize_mode: str = "vq", sincos_positions: bool = False,
     ):
         super().__init__()
         if quantize_mode not in ("vq", "vae"):
@@ -434,7 +462,7 @@ class TiTok(nn.Module):
             image_size=image_size, patch_size=patch_size, width=enc_width, depth=enc_depth, num_heads=enc_heads,
             num_latent_tokens=num_latent_tokens, legacy_layout=legacy_layout,
             token_size=2 * token_size if quantize_mode == "vae" else token_size,  # VAE: mean and log-variance
-            conv_stem=conv_stem, dense_mixing=dense_mixing,
+            conv_stem=conv_stem, dense_mixing=dense_mixing, sincos_positions=sincos_positions,
         )
         self.quantize = None
         if quantize_mode == "vq" and quantizer == "fsq":
@@ -450,6 +478,7 @@ class TiTok(nn.Module):
             num_latent_tokens=num_latent_tokens, token_size=token_size,
             output={"conv": "features"}.get(decoder_output, decoder_output),
             proxy_codebook_size=proxy_codebook_size, feature_channels=conv_channels, dense_mixing=dense_mixing,
+            sincos_positions=sincos_positions,
         )
         if decoder_output == "proxy_codes":
             self.proxy_codebook = nn.Embedding(proxy_codebook_size, proxy_code_dim)
