@@ -380,6 +380,12 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     shape_judge = load_demo_classifier(root, device=str(device), colour_blind=True, steps=cfg.colour_blind_steps,
                                        resolution=res)
     num_classes = pipe.generator.num_classes
+
+    def hits(judge, images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per class, how many of ``images`` the judge puts in their class ``y``: float [num_classes]."""
+        y = y.cpu()
+        return torch.bincount(y[judge.classify(images).argmax(-1).cpu() == y], minlength=num_classes).float()
+
     labels = class_balanced_labels(cfg.demo_per_class * num_classes, num_classes)
     rng = torch.Generator(device=device).manual_seed(cfg.seed)
     feats, correct, shape_correct, sampled = [], torch.zeros(num_classes), torch.zeros(num_classes), []
@@ -390,10 +396,8 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
             images = pipe.tokenizer.decode(tokens).float()
         sampled.append(tokens.cpu())
         images = to_uint8(images).float() / 255  # judged as saved
-        pred = classifier.classify(images).argmax(-1)
-        correct += torch.bincount(y[pred == y].cpu(), minlength=num_classes).float()
-        pred = shape_judge.classify(images).argmax(-1).to(y.device)
-        shape_correct += torch.bincount(y[pred == y].cpu(), minlength=num_classes).float()
+        correct += hits(classifier, images, y)
+        shape_correct += hits(shape_judge, images, y)
         feats.append(classifier.features(images).cpu())
         if cfg.save_images and start == 0:
             save_png(images, Path(cfg.save_images) / "demo_samples.png")
@@ -411,8 +415,8 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         with torch.inference_mode(), autocast(device, cfg.dtype):
             recon = to_uint8(pipe.tokenizer.decode(part_tokens.to(device)).float()).float() / 255
         recon_psnr += float(psnr(part.to(device).float() / 255, recon).sum())
-        recon_correct += torch.bincount(y[classifier.classify(recon).argmax(-1).cpu() == y], minlength=num_classes)
-        recon_shape += torch.bincount(y[shape_judge.classify(recon).argmax(-1).cpu() == y], minlength=num_classes)
+        recon_correct += hits(classifier, recon, y)
+        recon_shape += hits(shape_judge, recon, y)
     val_counts = torch.bincount(val_labels, minlength=num_classes).clamp(min=1).float()
 
     def first_n(y: torch.Tensor) -> torch.Tensor:
