@@ -168,3 +168,34 @@ def test_stage1_proxy_code_training(tmp_path):
     assert len(ce) == 3 and all(v == v for v in ce)
     tok = load_tokenizer(result["checkpoint"])
     assert tok.decode(tok.encode(x)).shape == (2, 3, 32, 32)
+
+
+def test_decoder_finetuning_keeps_every_token_and_improves_the_decoder(tmp_path):
+    _image_folder(tmp_path / "data", 16)
+    first = train(_cfg(tmp_path, "trainer.max_steps=20"))
+    tuned = train(_cfg(tmp_path, "trainer.max_steps=30", f"run_dir={tmp_path / 'stage2'}",
+                       f"finetune.init_from={first['checkpoint']}", "finetune.freeze_encoder=true"))
+    assert tuned["resumed_from_step"] is None and tuned["global_step"] == 30
+    before, after = load_tokenizer(first["checkpoint"]), load_tokenizer(tuned["checkpoint"])
+    assert after.config == before.config
+    images = torch.rand(8, 3, 16, 16)
+    assert torch.equal(before.encode(images), after.encode(images))  # the tokens stay: generators stay valid
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(b[k], a[k]) for k in b if k.startswith(("encoder.", "latent_tokens", "quantize.")))
+    assert not all(torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
+    assert tuned["metrics"]["val/psnr"] > first["metrics"]["val/psnr"]
+
+    with pytest.raises(ValueError, match="needs finetune.init_from"):
+        train(_cfg(tmp_path, "trainer.max_steps=1", f"run_dir={tmp_path / 'bad'}", "finetune.freeze_encoder=true"))
+
+
+def test_decoder_experiments_are_the_small_recipe_with_a_frozen_encoder():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        demo = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo"]))
+        stage2 = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo_decoder"]))
+        small2 = compose(config_name="train", overrides=["experiment=small_decoder", "data.root=D"])
+    assert stage2["finetune"] == {"init_from": "titok_demo", "freeze_encoder": True}
+    assert small2.finetune.freeze_encoder and small2.finetune.init_from is None  # train() asks for it
+    for key in ("data", "model", "loss", "codebook", "batch_size", "trainer"):
+        assert stage2[key] == demo[key], key  # only the start, the frozen parts and the step size change
+    assert (stage2["optim"]["lr"], demo["optim"]["lr"]) == (3e-4, 1e-3)

@@ -187,7 +187,19 @@ def train(cfg: DictConfig) -> dict:
             side = NATIVE_SIZE[cfg.data.builtin]
         else:
             side = first_image_side(Path(cfg.data.root) / cfg.data.train_split)
-    model_config = resolve_model(model, image_side=side)
+    init = None
+    if cfg.finetune.init_from:
+        # Fine-tuning starts from a trained tokenizer: its architecture, its weights.
+        from tokenizer import load_tokenizer
+
+        init = load_tokenizer(cfg.finetune.init_from)
+        model_config = dict(init.config)
+        log.info("fine-tuning %s%s", cfg.finetune.init_from,
+                 " (encoder and quantiser frozen: the tokens stay as they are)" if cfg.finetune.freeze_encoder else "")
+    else:
+        if cfg.finetune.freeze_encoder:
+            raise ValueError("finetune.freeze_encoder needs finetune.init_from (a trained tokenizer)")
+        model_config = resolve_model(model, image_side=side)
     log.info("tokenizer %s", model_config)
     train_set, val_set = build_datasets(cfg, model_config["image_size"])
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
@@ -210,7 +222,12 @@ def train(cfg: DictConfig) -> dict:
         ema_decay=opt.ema_decay if opt.ema else None,
         quantizer_warmup_steps=cb.quantizer_warmup_steps, revive_every_n_steps=cb.revive_every_n_steps,
         usage_decay=cb.usage_decay, dead_ratio=cb.dead_ratio, latent_buffer_size=cb.latent_buffer_size, seed=cfg.seed,
+        freeze_encoder=bool(cfg.finetune.freeze_encoder),
     )
+    if init is not None:  # a resumed run overwrites these with its own checkpoint below
+        for net in (module.model, module.ema):
+            if net is not None:
+                net.load_state_dict(init.state_dict())
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     figures = Figures(run_dir / "figures")
@@ -244,7 +261,7 @@ def train(cfg: DictConfig) -> dict:
         result.update(figures.write(module, "final"))
         out = run_dir / "tokenizer.safetensors"
         extra = {"global_step": global_step, "ema": module.ema is not None, "data_root": str(cfg.data.root),
-                 "data_builtin": cfg.data.builtin,
+                 "data_builtin": cfg.data.builtin, "finetuned_from": cfg.finetune.init_from,
                  "metrics": result["metrics"]}
         save_model_file(out, kind="tokenizer", config=module.model.config, state_dict=module.export_state_dict(),
                         extra=extra)

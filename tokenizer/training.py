@@ -233,7 +233,7 @@ class TiTokModule(L.LightningModule):
         weight_decay: float = 1e-4, warmup_steps: int = 1000, max_steps: int = 100_000, end_lr: float = 1e-5,
         ema_decay: float | None = 0.999, quantizer_warmup_steps: int = 0, revive_every_n_steps: int = 100,
         usage_decay: float = 0.99,
-        dead_ratio: float = 0.03, latent_buffer_size: int = 4096, seed: int = 0,
+        dead_ratio: float = 0.03, latent_buffer_size: int = 4096, seed: int = 0, freeze_encoder: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -259,13 +259,19 @@ class TiTokModule(L.LightningModule):
                 raise CheckpointError(f"VQGAN decoder keys not in the model: {missing.unexpected_keys[:3]}")
             self.model.pixel_decoder.requires_grad_(False)
             self.model.proxy_codebook.requires_grad_(False)
+        if freeze_encoder:
+            # Decoder fine-tuning (TiTok's stage 2): the tokens of every image stay as they are, so
+            # generators trained on them and token caches stay valid; only the decoder learns.
+            for part in (self.model.encoder, self.model.latent_tokens, self.model.quantize):
+                part.requires_grad_(False)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
         q = self.model.quantize
-        # FSQ has no learned codebook: nothing can die, so there is nothing to revive.
+        # FSQ has no learned codebook: nothing can die, so there is nothing to revive; a frozen
+        # codebook (decoder fine-tuning) must not change either.
         self.usage = CodeUsage(
             codebook_size=q.embedding.num_embeddings, token_size=q.embedding.embedding_dim, decay=usage_decay,
             dead_ratio=dead_ratio, buffer_size=latent_buffer_size,
-        ) if isinstance(q, VectorQuantizer) else None
+        ) if isinstance(q, VectorQuantizer) and not freeze_encoder else None
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long))
         self.lpips = None
         if perceptual_weight > 0:
@@ -286,11 +292,12 @@ class TiTokModule(L.LightningModule):
 
     # ----- forward pieces
     def _quantizing(self) -> bool:
-        return self.global_step >= self.hparams.quantizer_warmup_steps
+        return self.hparams.freeze_encoder or self.global_step >= self.hparams.quantizer_warmup_steps
 
     def _reconstruct(self, model: nn.Module, images: torch.Tensor, *, quantize: bool = True):
-        z = model.encode_latents(images)  # (B, N, T)
-        z_q, tokens, qlosses = model.quantize(z)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_encoder):
+            z = model.encode_latents(images)  # (B, N, T)
+            z_q, tokens, qlosses = model.quantize(z)
         if not quantize:
             # Quantiser warm-up: the decoder sees the continuous (normalised) latents, so
             # encoder and decoder learn an informative latent before codes can cut it off.
