@@ -180,16 +180,9 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     run_dir = Path(cfg.run_dir)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    side = None
-    if model.get("image_size") == "auto":
-        if cfg.data.builtin:
-            side = NATIVE_SIZE[cfg.data.builtin]
-        else:
-            side = first_image_side(Path(cfg.data.root) / cfg.data.train_split)
     init = None
     if cfg.finetune.init_from:
-        # Fine-tuning starts from a trained tokenizer: its architecture, its weights.
+        # Fine-tuning starts from a trained tokenizer: its architecture (cfg.model is not read), its weights.
         from tokenizer import load_tokenizer
 
         init = load_tokenizer(cfg.finetune.init_from)
@@ -199,6 +192,13 @@ def train(cfg: DictConfig) -> dict:
     else:
         if cfg.finetune.freeze_encoder:
             raise ValueError("finetune.freeze_encoder needs finetune.init_from (a trained tokenizer)")
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        side = None
+        if model.get("image_size") == "auto":
+            if cfg.data.builtin:
+                side = NATIVE_SIZE[cfg.data.builtin]
+            else:
+                side = first_image_side(Path(cfg.data.root) / cfg.data.train_split)
         model_config = resolve_model(model, image_side=side)
     log.info("tokenizer %s", model_config)
     train_set, val_set = build_datasets(cfg, model_config["image_size"])
@@ -225,9 +225,10 @@ def train(cfg: DictConfig) -> dict:
         freeze_encoder=bool(cfg.finetune.freeze_encoder),
     )
     if init is not None:  # a resumed run overwrites these with its own checkpoint below
+        weights = init.state_dict()
         for net in (module.model, module.ema):
             if net is not None:
-                net.load_state_dict(init.state_dict())
+                net.load_state_dict(weights)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     figures = Figures(run_dir / "figures")
