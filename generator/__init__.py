@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from generator import official
+from generator.assets import SHIPPED, shipped_path
 from generator.model import CONFIG_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator
 from generator.presets import PRESETS
 from tokenizer.checkpoints import (
@@ -38,11 +39,13 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, dict, Path | None, s
     if isinstance(spec, str) and spec in PRESETS:
         preset = PRESETS[spec]
         return dict(preset["model"]), dict(preset["sampling"]), None, f"preset:{spec}"
+    if isinstance(spec, str) and shipped_path(spec) is not None:
+        spec = shipped_path(spec)  # a generator shipped inside the package (maskgit_demo)
     resolved = resolve_spec(spec)
     if resolved is None:
         raise CheckpointError(
-            f"unknown generator spec {str(spec)!r}: not a preset ({', '.join(PRESETS)}), file, directory "
-            "or Hugging Face repo id"
+            f"unknown generator spec {str(spec)!r}: not a preset ({', '.join(PRESETS)}), shipped generator "
+            f"({', '.join(SHIPPED)}), file, directory or Hugging Face repo id"
         )
     if resolved.config is None:
         return None, {}, resolved.weights, resolved.source
@@ -53,7 +56,8 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, dict, Path | None, s
 def load_generator(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> MaskedTokenGenerator:
     """Build a generator from ``spec`` and load ``checkpoint`` strictly; returns it in eval mode.
 
-    spec: a preset name (``maskgit_l32``, ``maskgit_b64``, ``uvit_s128``), an official config
+    spec: a preset name (``maskgit_l32``, ``maskgit_b64``, ``uvit_s128``), a shipped generator
+    (``maskgit_demo``), an official config
     file (YAML such as ``configs/infer/TiTok/titok_l32.yaml``, or an HF ``config.json``), a
     directory with ``config.json`` and ``model.safetensors``/``pytorch_model.bin``, a Hugging
     Face repo id (``yucornetto/generator_titok_l32_imagenet``), or one of our own

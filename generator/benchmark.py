@@ -138,7 +138,6 @@ def run_loop(args, config: dict, device: torch.device) -> tuple[float, list, Mas
         scaler.update()
         losses.append(loss.detach())
 
-    batches = None
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":

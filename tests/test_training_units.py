@@ -200,3 +200,16 @@ def test_training_reduces_loss(tiny_config):
     assert before == pytest.approx(math.log(64), rel=0.1)  # a fresh model predicts near uniformly
     assert after < before - 0.3, (before, after)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-6)  # schedule reached end_lr
+
+
+@pytest.mark.parametrize("data", ["device", "fixed"])
+def test_generator_benchmark_runs_its_plain_loop_on_cpu(data):
+    """``python -m generator.benchmark`` without --trainer: real steps of the shipped demo generator, on
+    batches gathered from a random cache (the default) or on one fixed batch; the loss is the training loss."""
+    from generator.benchmark import main
+
+    result = main(["--preset", "maskgit_demo", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4",
+                   "--steps", "2", "--warmup", "1", "--cache-size", "16", "--data", data])
+    assert result["seq_len"] == 32 and result["params_m"] > 1
+    assert result["steps_per_s"] > 0 and 0 < result["last_loss"] < 10
+    assert result["cache_sequences"] == (16 if data == "device" else None)
