@@ -194,3 +194,16 @@ def test_this_cpu_reports_its_bf16_capability():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
     if flags:
         assert runtime.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_gradient_loss_sees_blurred_edges_and_ignores_offsets():
+    from tokenizer.training import gradient_loss
+
+    target = torch.zeros(1, 3, 16, 16)
+    target[..., :, 8:] = 1.0  # one vertical step edge
+    blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    assert gradient_loss(target, target) == 0
+    assert gradient_loss(target + 0.2, target) == 0  # a brightness offset has the same edges
+    # The blurred edge spreads the one unit step over three columns: its differences are off by 2/3 + 2 * 1/3
+    # in each of the 16 x 3 rows of 15 horizontal differences; the vertical ones are all zero.
+    assert gradient_loss(blurred, target).item() == pytest.approx((4 / 3) * 16 * 3 / (16 * 3 * 15), rel=1e-5)

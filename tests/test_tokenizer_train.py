@@ -83,12 +83,16 @@ def test_tiny_run_trains_exports_and_resumes(tmp_path):
     assert min(steps) >= 30
 
 
-def test_gan_and_l1_run(tmp_path):
+def test_gan_l1_and_gradient_loss_run(tmp_path):
     _image_folder(tmp_path / "data", 16, per_class=2)
     result = train(_cfg(tmp_path, "trainer.max_steps=4", "loss.reconstruction=l1", "loss.gan.weight=0.1",
-                        "loss.gan.start_step=2", "loss.gan.channels=8", "loss.gan.layers=1", "optim.ema=false"))
-    d_loss = _column(tmp_path / "run" / "logs" / "version_0" / "metrics.csv", "train/d_loss")
+                        "loss.gan.start_step=2", "loss.gan.channels=8", "loss.gan.layers=1", "optim.ema=false",
+                        "loss.gradient_weight=0.1"))
+    metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
+    d_loss = _column(metrics, "train/d_loss")
     assert result["global_step"] == 4 and len(d_loss) == 4 and all(v == v for v in d_loss)
+    edge = _column(metrics, "train/gradient_loss")
+    assert len(edge) == 4 and all(0 < v < 2 for v in edge)
 
 
 def test_codebook_usage_and_perplexity():

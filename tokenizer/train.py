@@ -213,6 +213,7 @@ def train(cfg: DictConfig) -> dict:
     tr, loss, opt, cb = cfg.trainer, cfg.loss, cfg.optim, cfg.codebook
     module = TiTokModule(
         model_config=model_config, recon_loss=loss.reconstruction, recon_weight=loss.reconstruction_weight,
+        gradient_weight=loss.gradient_weight,
         quantizer_weight=loss.quantizer_weight, perceptual_weight=loss.perceptual_weight,
         lpips_vgg_weights=loss.lpips.vgg_weights, lpips_weights=loss.lpips.lpips_weights,
         gan_weight=loss.gan.weight, gan_start_step=loss.gan.start_step, disc_channels=loss.gan.channels,
