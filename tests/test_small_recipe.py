@@ -14,6 +14,7 @@ from tokenizer.model import FSQ
 from tokenizer.presets import small_image_size, titok_small
 from tokenizer.schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
 from tokenizer.train import resolve_model
+from tokenizer.training import gradient_loss
 
 
 def test_fsq_codes_round_trip_and_pass_gradients():
@@ -197,8 +198,6 @@ def test_this_cpu_reports_its_bf16_capability():
 
 
 def test_gradient_loss_sees_blurred_edges_and_ignores_offsets():
-    from tokenizer.training import gradient_loss
-
     target = torch.zeros(1, 3, 16, 16)
     target[..., :, 8:] = 1.0  # one vertical step edge
     blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)

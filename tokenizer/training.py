@@ -3,8 +3,8 @@
 Two recipes, picked by the model's ``decoder_output``:
 
 * ``"rgb"`` or ``"conv"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's
-  codebook and commitment (0.25) losses (none for FSQ), plus LPIPS when its weights are given
-  and a hinge PatchGAN loss from ``gan_start_step`` when ``gan_weight > 0``.
+  codebook and commitment (0.25) losses (none for FSQ), plus an image-gradient L1 term when
+  ``gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from ``gan_start_step`` when ``gan_weight > 0``.
 * ``"proxy_codes"`` (the official stage 1): cross-entropy of the decoder's logits against the
   codes a frozen MaskGIT-VQGAN assigns to each patch (:mod:`tokenizer.proxy_codes`), plus the
   quantiser losses. The VQGAN decoder is copied in, frozen, so the model renders pixels.
