@@ -4,7 +4,8 @@ Two recipes, picked by the model's ``decoder_output``:
 
 * ``"rgb"`` or ``"conv"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's
   codebook and commitment (0.25) losses (none for FSQ), plus an image-gradient L1 term when
-  ``gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from ``gan_start_step`` when ``gan_weight > 0``.
+  ``gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from
+  ``gan_start_step`` when ``gan_weight > 0``.
 * ``"proxy_codes"`` (the official stage 1): cross-entropy of the decoder's logits against the
   codes a frozen MaskGIT-VQGAN assigns to each patch (:mod:`tokenizer.proxy_codes`), plus the
   quantiser losses. The VQGAN decoder is copied in, frozen, so the model renders pixels.
@@ -238,8 +239,9 @@ class TiTokModule(L.LightningModule):
 
     def __init__(
         self, *, model_config: dict, recon_loss: str = "l2", recon_weight: float = 1.0,
-        gradient_weight: float = 0.0, quantizer_weight: float = 1.0, perceptual_weight: float = 0.0, lpips_vgg_weights: str | None = None,
-        lpips_weights: str | None = None, gan_weight: float = 0.0, gan_start_step: int = 0,
+        gradient_weight: float = 0.0, quantizer_weight: float = 1.0, perceptual_weight: float = 0.0,
+        lpips_vgg_weights: str | None = None, lpips_weights: str | None = None, gan_weight: float = 0.0,
+        gan_start_step: int = 0,
         disc_channels: int = 64, disc_layers: int = 3, vqgan_checkpoint: str | None = None,
         lr: float = 1e-4, disc_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 1e-4, warmup_steps: int = 1000, max_steps: int = 100_000, end_lr: float = 1e-5,
