@@ -14,7 +14,7 @@ from tokenizer.model import FSQ
 from tokenizer.presets import small_image_size, titok_small
 from tokenizer.schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
 from tokenizer.train import resolve_model
-from tokenizer.training import gradient_loss
+from tokenizer.training import TokenPrior, gradient_loss
 
 
 def test_fsq_codes_round_trip_and_pass_gradients():
@@ -34,6 +34,37 @@ def test_fsq_codes_round_trip_and_pass_gradients():
     assert grid.unique(dim=0).shape[0] == 1000
     z_q.sum().backward()  # straight-through: the rounding does not block gradients
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_fsq_digit_positions_round_to_the_token_digits():
+    fsq = FSQ(levels=[8, 5, 5, 5])
+    z = 3 * torch.randn(64, 32, 4)
+    u = fsq.digit_positions(z)
+    assert u.min() > 0 and (u.amax((0, 1)) < torch.tensor([7.0, 4, 4, 4])).all()
+    digits = (fsq(z)[1][..., None] // fsq.basis) % fsq.levels
+    assert torch.equal(u.round().long(), digits)
+
+
+def test_token_prior_learns_the_levels_and_pulls_latents_to_the_common_one():
+    prior = TokenPrior(levels=[4, 3], num_tokens=2, num_classes=2, decay=0.9)
+    uniform = prior.code_bits(torch.zeros(5, 2, 2), torch.zeros(5, dtype=torch.long))
+    assert float(uniform) == pytest.approx(2 + torch.log2(torch.tensor(3.0)).item(), abs=0.05)  # bits per token
+    # Class 0 always uses level 1 of channel 0 and level 2 of channel 1; class 1 is never seen.
+    u = torch.tensor([1.0, 2.0]).expand(8, 2, 2)
+    labels = torch.zeros(8, dtype=torch.long)
+    for _ in range(20):
+        prior.update(u, labels)
+    p0 = prior.log_probs(torch.tensor([0, 1])).exp()
+    assert (p0[0, :, 0, 1] > 0.95).all() and (p0[0, :, 1, 2] > 0.95).all()  # learnt
+    assert (p0[0, :, 1, 3] == 0).all()  # channel 1 has 3 levels: the 4th has no mass
+    assert torch.allclose(p0[1, :, 0, :], torch.full((2, 4), 0.25))  # the unseen class keeps its uniform prior
+    assert float(prior.code_bits(u, labels)) < 0.3
+    # A latent between levels 1 and 2 of channel 0 is pushed towards 1, the common level.
+    x = torch.tensor([[[1.6, 2.0], [1.6, 2.0]]], requires_grad=True)
+    prior(x, torch.tensor([0])).sum().backward()
+    assert x.grad[0, :, 0].gt(0).all()  # descending the rate lowers u: towards level 1
+    rate = prior(torch.tensor([[[1.0, 2.0]] * 2]), torch.tensor([0]))
+    assert torch.allclose(rate, -prior.log_probs(torch.tensor([0]))[0, :, 0, 1] - prior.log_probs(torch.tensor([0]))[0, :, 1, 2])
 
 
 def test_fsq_tokens_map_back_to_the_same_grid_point():

@@ -95,6 +95,22 @@ def test_gan_l1_and_gradient_loss_run(tmp_path):
     assert len(edge) == 4 and all(0 < v < 2 for v in edge)
 
 
+def test_rate_term_trains_an_fsq_tokenizer_towards_cheaper_codes(tmp_path):
+    _image_folder(tmp_path / "data", 16, per_class=4)
+    fsq = {**TINY, "quantizer": "fsq", "fsq_levels": [5, 3], "use_l2_norm": False}
+    result = train(_cfg(tmp_path, "trainer.max_steps=12", "loss.rate_weight=0.5", "codebook.revive_every_n_steps=0",
+                        model=fsq))
+    metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
+    bits, rate = _column(metrics, "train/code_bits"), _column(metrics, "train/rate")
+    assert result["global_step"] == 12 and len(bits) == len(rate) == 12
+    full = float(torch.log2(torch.tensor(15.0)))  # 5 x 3 levels: the uniform prior's bits per token
+    assert bits[0] == pytest.approx(full, abs=0.01) and bits[-1] < full - 0.5  # the prior learnt the codes
+    assert load_tokenizer(result["checkpoint"]).codebook_size == 15  # the prior is a training aid, not shipped
+
+    with pytest.raises(ValueError, match="rate_weight needs an FSQ tokenizer"):
+        train(_cfg(tmp_path, "trainer.max_steps=1", f"run_dir={tmp_path / 'vq'}", "loss.rate_weight=0.5"))
+
+
 def test_codebook_usage_and_perplexity():
     tokens = torch.tensor([[0, 1, 1, 3], [3, 3, 0, 1]])
     counts = token_counts(tokens, 8)

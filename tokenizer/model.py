@@ -306,6 +306,11 @@ class FSQ(nn.Module):
         digits = (tokens[..., None] // self.basis) % self.levels
         return self._digits_to_codes(digits)
 
+    def digit_positions(self, z: torch.Tensor) -> torch.Tensor:
+        """Where the latents sit between the integer levels: float [B,N,T] -> float32 [B,N,T], channel i
+        in [0, levels[i] - 1]; it rounds to the channel's digit of the token."""
+        return self._bound(z.float()) + (self.levels // 2).float()
+
     def continuous(self, z: torch.Tensor) -> torch.Tensor:
         """The latents before rounding, on the codes' scale: float [B,N,T] -> float32 [B,N,T] in (-1, 1).
         A quantiser warm-up feeds these to the decoder, so an informative latent forms first."""

@@ -224,6 +224,7 @@ def train(cfg: DictConfig) -> dict:
         quantizer_warmup_steps=cb.quantizer_warmup_steps, revive_every_n_steps=cb.revive_every_n_steps,
         usage_decay=cb.usage_decay, dead_ratio=cb.dead_ratio, latent_buffer_size=cb.latent_buffer_size, seed=cfg.seed,
         freeze_encoder=bool(cfg.finetune.freeze_encoder),
+        rate_weight=loss.rate_weight, rate_classes=len(getattr(train_set, "classes", None) or [0]),
     )
     if init is not None:  # a resumed run overwrites these with its own checkpoint below
         weights = init.state_dict()
