@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from tokenizer import build_tokenizer
 from tokenizer.checkpoints import CheckpointError, read_state_dict
-from tokenizer.model import VectorQuantizer
+from tokenizer.model import FSQ, VectorQuantizer
 from tokenizer.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,13 @@ class TokenPrior(nn.Module):
         self.register_buffer("counts", start.expand(num_classes, num_tokens, -1, -1).clone())
         self.decay, self.smoothing = decay, smoothing
 
+    def _rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """The prior's row of each label: the label itself, or row 0 for all when the prior has one."""
+        return labels.long().clamp(max=self.counts.shape[0] - 1)
+
     def log_probs(self, labels: torch.Tensor) -> torch.Tensor:
         """int64 [B] -> float32 [B,N,T,Lmax] log-probabilities of each level (-inf where none)."""
-        c = self.counts[labels.clamp(max=self.counts.shape[0] - 1)] + self.smoothing
+        c = self.counts[self._rows(labels)] + self.smoothing
         c = c.masked_fill(~self.valid, 0.0)
         return (c / c.sum(-1, keepdim=True)).log()
 
@@ -191,7 +196,7 @@ class TokenPrior(nn.Module):
         lo, hi, f = self._weights(u.float())
         add = torch.zeros(*u.shape, self.valid.shape[1], device=u.device)
         add.scatter_add_(-1, lo[..., None], (1 - f)[..., None]).scatter_add_(-1, hi[..., None], f[..., None])
-        labels = labels.clamp(max=self.counts.shape[0] - 1)
+        labels = self._rows(labels)
         batch = torch.zeros_like(self.counts).index_add_(0, labels, add)
         seen = torch.bincount(labels, minlength=self.counts.shape[0]).float()[:, None, None, None]
         # Each class decays by the images it got, so rare classes keep their counts.
@@ -202,7 +207,7 @@ class TokenPrior(nn.Module):
     def code_bits(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Bits per token of the rounded codes under the prior: float32 scalar."""
         digits = u.round().long()
-        return -self.log_probs(labels).gather(-1, digits[..., None]).sum((-1, -2)).mean() / torch.log(torch.tensor(2.0))
+        return -self.log_probs(labels).gather(-1, digits[..., None]).sum((-1, -2)).mean() / math.log(2)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -351,7 +356,7 @@ class TiTokModule(L.LightningModule):
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long))
         self.prior = None
         if rate_weight > 0:
-            if not hasattr(q, "digit_positions") or freeze_encoder:
+            if not isinstance(q, FSQ) or freeze_encoder:
                 raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=config["num_latent_tokens"],
                                     num_classes=max(1, rate_classes))
@@ -429,8 +434,6 @@ class TiTokModule(L.LightningModule):
                 logs.update({"train/g_loss": g_loss, "train/d_loss": d_loss})
         if self.prior is not None:
             labels = batch[1].to(self.device).long()
-            if self.prior.counts.shape[0] == 1:
-                labels = torch.zeros_like(labels)
             u = self.model.quantize.digit_positions(z)
             rate = self.prior(u, labels).mean()
             loss = loss + hp.rate_weight * rate
