@@ -23,6 +23,7 @@ folder (in its class-then-path order) give the same cache.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -362,28 +364,35 @@ def build_token_cache(
         tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, resolution=tokenizer.image_size,
         flip=flip, decode=decode,
     )
+    fingerprint = manifest["tokenizer"]["fingerprint"]
     if (Path(out_dir) / "manifest.json").is_file():
-        return check_cache(out_dir, fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
-                           flip=flip)
-    stream = isinstance(dataset, WebDatasetShards)
-    if rank == 0:
-        _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
-    barrier()
-    if stream:
-        build_stream_shards(
-            tokenizer=tokenizer, shards=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
-            num_workers=num_workers, rank=rank, world_size=world_size, flip=flip,
-        )
-    else:
-        build_shards(
-            tokenizer=tokenizer, dataset=dataset, out_dir=out_dir, batch_size=batch_size, device=device, dtype=dtype,
-            num_workers=num_workers, rank=rank, world_size=world_size, flip=flip, decode=decode, compile=compile,
-        )
-    barrier()
-    if rank == 0:
-        merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size, manifest=manifest,
-                     num_tars=len(dataset) if stream else None)
-    barrier()
+        return check_cache(out_dir, fingerprint=fingerprint, resolution=manifest["resolution"], flip=flip)
+    # Another job may be building this very cache (a sweep started at once): wait for it, then take
+    # its result or resume what it left. The ranks of one Fabric job share out the work instead.
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out_dir}.lock") if fabric is None else contextlib.nullcontext():
+        if (Path(out_dir) / "manifest.json").is_file():
+            return check_cache(out_dir, fingerprint=fingerprint, resolution=manifest["resolution"], flip=flip)
+        stream = isinstance(dataset, WebDatasetShards)
+        if rank == 0:
+            _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
+        barrier()
+        if stream:
+            build_stream_shards(
+                tokenizer=tokenizer, shards=dataset, out_dir=out_dir, batch_size=batch_size, device=device,
+                dtype=dtype, num_workers=num_workers, rank=rank, world_size=world_size, flip=flip,
+            )
+        else:
+            build_shards(
+                tokenizer=tokenizer, dataset=dataset, out_dir=out_dir, batch_size=batch_size, device=device,
+                dtype=dtype, num_workers=num_workers, rank=rank, world_size=world_size, flip=flip, decode=decode,
+                compile=compile,
+            )
+        barrier()
+        if rank == 0:
+            merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size,
+                         manifest=manifest, num_tars=len(dataset) if stream else None)
+        barrier()
     return check_cache(out_dir)
 
 

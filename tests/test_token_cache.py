@@ -1,5 +1,7 @@
 """Token cache: flips, shards, resume after a kill, refusal of foreign caches."""
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -108,3 +110,32 @@ def test_ranks_build_their_own_shards_and_rank0_merges(tok, tmp_path):
     single = tmp_path / "single"
     build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=data, out_dir=single, batch_size=4, dtype="fp32")
     assert np.array_equal(np.load(out / "tokens.npy"), np.load(single / "tokens.npy"))
+
+
+class SlowImages(Images):
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return super().__getitem__(i)
+
+
+def test_two_jobs_building_the_same_cache_at_once_both_get_it(tok, tmp_path):
+    """Two runs started together on the same data and tokenizer (a sweep) share one cache dir:
+    the second waits for the first instead of merging a half-written set of shards."""
+    out, results, errors = tmp_path / "c", [], []
+
+    def build():
+        try:
+            results.append(build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=SlowImages(24),
+                                             out_dir=out, batch_size=4, dtype="fp32"))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    jobs = [threading.Thread(target=build) for _ in range(2)]
+    for job in jobs:
+        job.start()
+        time.sleep(0.1)  # the second starts while the first is under way
+    for job in jobs:
+        job.join()
+    assert errors == [] and len(results) == 2
+    assert results[0] == results[1] and results[0]["num_sequences"] == 48
+    assert np.load(out / "tokens.npy").shape == (48, 8)
