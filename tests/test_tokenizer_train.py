@@ -219,3 +219,16 @@ def test_decoder_experiments_are_the_small_recipe_with_a_frozen_encoder():
     for key in ("data", "model", "loss", "codebook", "batch_size", "trainer"):
         assert stage2[key] == demo[key], key  # only the start, the frozen parts and the step size change
     assert (stage2["optim"]["lr"], demo["optim"]["lr"]) == (3e-4, 1e-3)
+
+
+def test_demo_rate_experiment_continues_stage_two_with_the_rate_term():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        demo = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo"]))
+        stage3 = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo_rate"]))
+    assert stage3["finetune"] == {"init_from": "runs/tokenizer/demo_decoder/tokenizer.safetensors",
+                                  "freeze_encoder": False}  # the whole tokenizer trains: the tokens move
+    assert demo["loss"]["rate_weight"] == 0 and stage3["loss"]["rate_weight"] == 1e-3
+    assert stage3["loss"] == {**demo["loss"], "rate_weight": 1e-3}
+    assert (stage3["optim"]["lr"], stage3["codebook"]["quantizer_warmup_steps"]) == (5e-4, 0)
+    for key in ("data", "model", "batch_size"):
+        assert stage3[key] == demo[key], key
