@@ -1,5 +1,7 @@
 """The shipped demo tokenizer keeps the shapes: held-out PSNR as the README states, and a
 colour-blind classifier still recognises the shapes in its reconstructions."""
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -7,7 +9,7 @@ from tokenizer import load_tokenizer
 from tokenizer.assets import shipped_path
 from tokenizer.demo_shapes import CLASS_NAMES, image_rng, render_demo_image
 
-README_PSNR = 28.30  # README "The demo tokenizer": held-out PSNR of the shipped file on these 200 images
+README_PSNR = 26.68  # README "The demo tokenizer": held-out PSNR of the shipped file on these 200 images
 
 
 def _val_images(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,5 +31,35 @@ def test_shipped_demo_tokenizer_psnr():
     mse = ((recon - x) ** 2).flatten(1).mean(1)
     psnr = (10 * torch.log10(1 / mse)).mean().item()
     assert abs(psnr - README_PSNR) < 0.5, psnr
-    # Many codes in use across 200 images: no collapse.
-    assert tokens.unique().numel() > 0.3 * tok.codebook_size
+    # No collapse: the rate term (stage 3) concentrates each position on fewer codes (about a quarter
+    # of the 1000 in use over these images, 252), but every position still varies from image to image.
+    assert tokens.unique().numel() > 0.2 * tok.codebook_size
+    assert min(tokens[:, i].unique().numel() for i in range(tok.num_tokens)) >= 5
+
+
+def test_shipped_demo_generator_models_the_shipped_tokenizers_tokens():
+    """The two shipped files are a pair: maskgit_demo was trained on titok_demo's tokens (retrain
+    it whenever the tokenizer changes), and it carries the demo experiment's sampling settings."""
+    from hydra import compose, initialize_config_dir
+
+    from generator import load_generator
+    from generator.assets import shipped_path as shipped_generator
+    from tokenizer.checkpoints import read_model_extra
+
+    gen = load_generator("maskgit_demo")
+    assert read_model_extra(shipped_generator("maskgit_demo"))["tokenizer"]["spec"] == "titok_demo"
+    conf = Path(__file__).resolve().parents[1] / "conf" / "generator"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=demo"])
+    assert gen.sampling == dict(cfg.model.sampling)
+    tok = load_tokenizer("titok_demo")
+    x, labels = _val_images(10)
+    with torch.no_grad():
+        tokens = tok.encode(x)
+        masked = torch.zeros_like(tokens, dtype=torch.bool)
+        masked[:, ::2] = True  # half the tokens hidden, the other half given
+        logits = gen(torch.where(masked, gen.mask_id, tokens), labels)
+    nll = torch.nn.functional.cross_entropy(logits[masked], tokens[masked]).item()
+    # Uniform over 1000 codes: 6.91 nats. The pair: 2.71; the 5-minute quick start on these tokens:
+    # 3.04; the generator shipped before (trained on the tokens of the stage-2 tokenizer): 5.73.
+    assert nll < 3.5, nll
