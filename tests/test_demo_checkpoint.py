@@ -1,5 +1,5 @@
-"""The shipped demo tokenizer keeps the shapes: held-out PSNR as the README states, and a
-colour-blind classifier still recognises the shapes in its reconstructions."""
+"""The shipped demo files: the tokenizer's held-out PSNR as the README states, with its codes in
+use at every position, and the generator trained on that tokenizer's tokens."""
 from pathlib import Path
 
 import numpy as np
