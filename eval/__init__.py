@@ -1,4 +1,4 @@
-"""Evaluation: Inception FID/IS through torch-fidelity, reference statistics, PSNR/SSIM, demo classifier."""
+"""Evaluation: Inception FID/IS through torch-fidelity, reference statistics, demo classifier."""
 from eval.fidelity import (
     ADM_REFERENCE_URL,
     INCEPTION_FILENAME,
@@ -11,13 +11,10 @@ from eval.fidelity import (
     fid_from_stats,
     hub_weights_path,
     load_reference_stats,
-    psnr,
     read_reference_meta,
     reference_stats_from_folder,
     save_reference_stats,
-    ssim,
     stats_from_npz_images,
-    to_uint8,
 )
 
 __all__ = [
@@ -32,11 +29,8 @@ __all__ = [
     "fid_from_stats",
     "hub_weights_path",
     "load_reference_stats",
-    "psnr",
     "read_reference_meta",
     "reference_stats_from_folder",
     "save_reference_stats",
-    "ssim",
     "stats_from_npz_images",
-    "to_uint8",
 ]

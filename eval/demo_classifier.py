@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from eval.fidelity import features_to_stats, fid_from_stats, list_image_files
-from tokenizer.checkpoints import CheckpointError, read_model_file, save_model_file
+from titok_core.checkpoints import CheckpointError, read_model_file, save_model_file
 
 log = logging.getLogger(__name__)
 

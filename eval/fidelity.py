@@ -30,7 +30,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm import tqdm
 
-from tokenizer.checkpoints import CheckpointError, atomic_path, read_state_dict
+from titok_core.checkpoints import CheckpointError, atomic_path, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def _checked_stats(mu: np.ndarray, sigma: np.ndarray, source: str) -> tuple[np.n
 
 
 # ---------------------------------------------------------------- image files
-# Minimal local reading; tokenizer/data.py (list_images, load_image_rgb) may replace it once it lands.
+# Minimal local reading; titok_core/data.py has list_images and load_image_rgb.
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
@@ -405,33 +405,3 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as image:
             return center_crop_uint8(image, self.resolution)
-
-
-# ---------------------------------------------------------------- pixel helpers and rFID metrics
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [B,3,H,W] in [0,1] -> uint8 [B,3,H,W], rounded (what saving a PNG would give)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB, float [B]; a, b float [B,3,H,W] in [0,1]; identical images give inf."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    _check_pair(a, b)
-    return peak_signal_noise_ratio(a.float(), b.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (11x11 Gaussian window, sigma 1.5), float [B] in [-1,1]; a, b float [B,3,H,W] in [0,1]."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    _check_pair(a, b)
-    return structural_similarity_index_measure(a.float(), b.float(), data_range=1.0, reduction="none")
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"expected two [B,C,H,W] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-

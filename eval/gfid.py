@@ -32,17 +32,16 @@ from eval.fidelity import (
     fid_from_stats,
     list_image_files,
     load_reference_stats,
-    psnr,
     reference_stats_from_folder,
-    ssim,
-    to_uint8,
 )
 from sampling import sample_tokens
 from sampling.fast import FastDecoder, StaticSampler, pipelined
 from sampling.pipeline import SAMPLING_KEYS, load_pipeline
 from tokenizer import CheckpointError, load_tokenizer
-from tokenizer.checkpoints import atomic_path
-from tokenizer.runtime import autocast, exit_on_user_error, save_png
+from titok_core.checkpoints import atomic_path
+from titok_core.images import save_png, to_uint8
+from titok_core.metrics import psnr, ssim
+from titok_core.runtime import autocast, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +202,8 @@ def rfid_images(cfg: DictConfig, resolution: int):
     from functools import partial
 
     from eval.fidelity import center_crop_uint8
-    from tokenizer.data import ImageRecordsDataset
-    from tokenizer.formats import detect_format, open_split
+    from titok_core.data import ImageRecordsDataset
+    from titok_core.formats import detect_format, open_split
 
     fmt = detect_format(cfg.data_root) if cfg.get("data_format", "auto") == "auto" else cfg.data_format
     transform = partial(center_crop_uint8, resolution=resolution)
@@ -226,7 +225,7 @@ def _rfid_batches(source, *, batch_size: int, limit: int | None, rank: int, worl
     """This rank's batches (b % world == rank) from its ``start``-th on: (uint8 [B',3,R,R] or None, skipped).
 
     Streamed shards are read in order by every rank; only its own batches are decoded."""
-    from tokenizer.formats import WebDatasetShards, decode_sample
+    from titok_core.formats import WebDatasetShards, decode_sample
 
     def stack(items):
         kept = [it[0] for it in items if it is not None]
@@ -370,7 +369,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     root = cfg.data_root or data.get("root")
     builtin = data.get("builtin") or ("demo" if data.get("demo") else None)
     if root and builtin and not cfg.data_root and not (Path(root) / "train").is_dir():
-        from tokenizer.builtin import make_builtin_dataset
+        from titok_core.builtin import make_builtin_dataset
 
         make_builtin_dataset(builtin, root, size=pipe.tokenizer.image_size)  # a fresh directory: make it again
     if not root or not (Path(root) / "train").is_dir():

@@ -14,7 +14,7 @@ from generator import official
 from generator.assets import SHIPPED, shipped_path
 from generator.model import CONFIG_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator
 from generator.presets import PRESETS
-from tokenizer.checkpoints import (
+from titok_core.checkpoints import (
     CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, resolve_spec,
 )
 

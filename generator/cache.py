@@ -14,7 +14,7 @@ dataset indices [i*S, (i+1)*S); rank r of W builds the shards with i % W == r, a
 merges them into the flat arrays once all exist. ``manifest.json`` is written last, so a
 directory with a manifest is complete.
 
-Streamed WebDataset shards (:class:`tokenizer.formats.WebDatasetShards`) have no index:
+Streamed WebDataset shards (:class:`titok_core.formats.WebDatasetShards`) have no index:
 rank r of W streams the tar shards with i % W == r, and batch c of tar i (its samples
 [c*S, (c+1)*S) in stream order) becomes ``shards/tar_IIIIII_CCCCCC.npz``; ``tar_IIIIII.done``
 records how many batches tar i had. A rerun skips the batches that exist without decoding
@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm import tqdm
 
 from generator.device_decode import EncodedImages, collate_encoded, decode_batch
-from tokenizer.checkpoints import atomic_path
-from tokenizer.data import ImageFolderDataset, preprocess
-from tokenizer.formats import WebDatasetShards, decode_sample
-from tokenizer.runtime import autocast
+from titok_core.checkpoints import atomic_path
+from titok_core.data import ImageFolderDataset, preprocess
+from titok_core.formats import WebDatasetShards, decode_sample
+from titok_core.runtime import autocast
 
 log = logging.getLogger(__name__)
 FORMAT = "titok-gen-token-cache/1"
@@ -432,13 +432,13 @@ class TokenDataset(Dataset):
 
 
 def _main(cfg) -> None:
-    """``python -m generator.cache``: tokenize a dataset (any format of tokenizer.formats), across
+    """``python -m generator.cache``: tokenize a dataset (any format of titok_core.formats), across
     GPUs/processes with Lightning Fabric."""
     from lightning import Fabric
 
     from tokenizer import load_tokenizer
-    from tokenizer.formats import dataset_name, open_split
-    from tokenizer.runtime import exit_on_user_error
+    from titok_core.formats import dataset_name, open_split
+    from titok_core.runtime import exit_on_user_error
 
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy)
     fabric.launch()

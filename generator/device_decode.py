@@ -1,7 +1,7 @@
 """Image files -> preprocessed batches on the device: JPEGs decoded there (nvJPEG on CUDA), resized and cropped there.
 
 The token cache's default path (``decode="pil"``) decodes and resizes every image with PIL in
-DataLoader workers (``tokenizer.data``: the official preprocessing). On a GPU that is the
+DataLoader workers (``titok_core.data``: the official preprocessing). On a GPU that is the
 bottleneck, so ``decode="device"`` only reads the file bytes in the workers and does the rest on
 the device:
 
@@ -65,7 +65,7 @@ def device_decodable(data: bytes | torch.Tensor) -> bool:
 class EncodedImages(Dataset):
     """The files of an image folder dataset as bytes: (uint8 [nbytes] tensor or None, label int, index int).
 
-    images: anything with ``samples`` = [(path, label), ...] (``tokenizer.data.ImageFolderDataset``).
+    images: anything with ``samples`` = [(path, label), ...] (``titok_core.data.ImageFolderDataset``).
     None stands for a file that cannot be read at all; the PIL path then decides what it is.
     """
 

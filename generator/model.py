@@ -231,7 +231,7 @@ def build_generator(config: dict) -> MaskedTokenGenerator:
     config: the constructor kwargs plus ``"arch"``: "imagebert" (the default when absent) or
     "uvit". Unknown keys or archs raise CheckpointError (configs usually come from files).
     """
-    from tokenizer.checkpoints import CheckpointError
+    from titok_core.checkpoints import CheckpointError
 
     config = dict(config)
     config.setdefault("arch", "imagebert")

@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from tokenizer.checkpoints import CheckpointError, key_mismatches
+from titok_core.checkpoints import CheckpointError, key_mismatches
 
 BERT_LAYER_NORM_EPS = 1e-12
 GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")
@@ -265,7 +265,7 @@ def num_to_remask(step_ratio: float, seq_len: int, is_mask: torch.Tensor) -> tor
 
 def remask_target(step_ratio: float, seq_len: int) -> int:
     """floor(seq_len * arccos(r) / (pi/2)), in float64 as the official numpy: the count before clamping."""
-    from generator.schedules import arccos_mask_ratio
+    from generator.mask_schedule import arccos_mask_ratio
 
     return math.floor(seq_len * arccos_mask_ratio(step_ratio))
 

@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from generator.cache import TokenDataset, build_token_cache, check_cache, tokenizer_fingerprint
 from generator.presets import PRESETS as GENERATOR_PRESETS
 from generator.token_data import TokenDataModule
-from generator.training import MaskGITModule, ema_callback
+from generator.lightning_module import MaskGITModule
+from generator.sampler import sample_tokens
 from tokenizer import load_tokenizer, require_vq
-from tokenizer.checkpoints import save_model_file
-from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
-from tokenizer.schedule import schedule_callbacks
-from tokenizer.training import SaveLast
+from titok_core.checkpoints import save_model_file
+from titok_core.images import save_png
+from titok_core.runtime import exit_on_user_error, resolve_precision
+from titok_core.lr_schedule import schedule_callbacks
+from titok_core.trainer import SaveLast, ema_callback
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,11 @@ def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_cl
 
 def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
     """Make the dataset (demo) and the token cache when missing; returns the cache directory."""
-    from tokenizer.formats import dataset_name, open_split
+    from titok_core.formats import dataset_name, open_split
 
     root = Path(cfg.data.root)
     if cfg.data.builtin:
-        from tokenizer.builtin import make_builtin_dataset
+        from titok_core.builtin import make_builtin_dataset
 
         make_builtin_dataset(cfg.data.builtin, root, size=tokenizer.image_size, seed=cfg.data.builtin_seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
@@ -91,7 +93,6 @@ class SampleGrid(Callback):
         self.every, self.num_classes, self.out_dir = every_n_steps, num_classes, out_dir
 
     def write(self, pl_module: MaskGITModule, step: int) -> Path:
-        from sampling import sample_tokens
 
         model = pl_module.model
         was_training = model.training

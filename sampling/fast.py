@@ -1,6 +1,6 @@
 """Fast paths for sampling on a GPU; each is optional and none changes the eager defaults.
 
-* :class:`StaticSampler` — the sampler's step (:func:`sampling.sampler.sampling_step`) with its
+* :class:`StaticSampler` — the sampler's step (:func:`generator.sampler.sampling_step`) with its
   per-step constants held as device tensors, so one compiled graph serves every step of a
   kind; ``compile="reduce-overhead"`` captures each kind as a CUDA graph. The Gumbel noise is
   drawn outside the graph from the caller's ``torch.Generator`` in the eager order, so a seed
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from eval.fidelity import to_uint8
-from sampling.sampler import draw_uniforms, plan_steps, sampling_step
+from titok_core.images import to_uint8
+from generator.sampler import draw_uniforms, plan_steps, sampling_step
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from sampling.pipeline import load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples
-from tokenizer.runtime import exit_on_user_error, pick_device
+from titok_core.runtime import exit_on_user_error, pick_device
 
 
 def generate(

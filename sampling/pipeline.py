@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from sampling.sampler import sample_tokens
+from generator.sampler import sample_tokens
 from tokenizer import CheckpointError, load_tokenizer, require_vq
-from tokenizer.checkpoints import read_model_extra
-from tokenizer.runtime import autocast, save_png
+from titok_core.checkpoints import read_model_extra
+from titok_core.images import save_png
+from titok_core.runtime import autocast
 
 log = logging.getLogger(__name__)
 DEMO_CHECKPOINT = Path("runs/generator/demo/generator.safetensors")

@@ -38,7 +38,7 @@ from sampling.classes import class_choice, class_names, find_class
 from sampling.pipeline import (
     MODEL_KEYS, SAMPLING_KEYS, Pipeline, load_pipeline, pipeline_kwargs, sample_images, save_samples,
 )
-from tokenizer.runtime import exit_on_user_error, pick_device, resolve_dtype
+from titok_core.runtime import exit_on_user_error, pick_device, resolve_dtype
 
 MAX_SEED = 2**31 - 1  # a range that every number box (JavaScript doubles) and tool keeps exact
 KEEP_RESULTS = 8  # request folders kept on disk (the page holds its own copies)

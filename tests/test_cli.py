@@ -80,7 +80,7 @@ def tiny_args(tiny: dict[str, Path], **overrides) -> list[str]:
 def _tiny_generator_file(path: Path, *, codebook_size: int, tokenizer: dict | None = None) -> Path:
     """One of our generator files (random weights) with sampling settings, and optionally its tokenizer."""
     from generator import build_generator
-    from tokenizer.checkpoints import save_model_file
+    from titok_core.checkpoints import save_model_file
 
     model = build_generator({
         "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
@@ -254,7 +254,7 @@ def test_gfid_rfid(tiny, tmp_path, inception_weights):
 
 
 def test_reconstruct_skips_unreadable(tiny, tmp_path):
-    pytest.importorskip("tokenizer.data")
+    pytest.importorskip("titok_core.data")
     inputs = tmp_path / "photos"
     write_pngs(inputs, 3)
     (inputs / "broken.png").write_bytes(b"not a png at all")

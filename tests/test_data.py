@@ -10,9 +10,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from tokenizer import demo_shapes
-from tokenizer.data import ImageFolderDataset, collate_skip_bad, list_images, load_image_rgb, preprocess, to_rgb
-from tokenizer.demo_shapes import CLASS_NAMES, image_rng, make_demo_dataset, render_demo_image, render_demo_sample
+from titok_core import demo_shapes
+from titok_core.data import ImageFolderDataset, collate_skip_bad, list_images, load_image_rgb, preprocess, to_rgb
+from titok_core.demo_shapes import CLASS_NAMES, image_rng, make_demo_dataset, render_demo_image, render_demo_sample
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -170,7 +170,7 @@ def test_bad_images_are_converted_or_skipped(tmp_path, caplog):
     skipped = _bad_images(tmp_path / "train" / "cls")
     ds = ImageFolderDataset(tmp_path / "train", resolution=32, train=False)
     assert len(ds) == 12
-    with caplog.at_level(logging.WARNING, logger="tokenizer.data"):
+    with caplog.at_level(logging.WARNING, logger="titok_core.data"):
         out = {p.rsplit("/", 1)[1]: ds[i] for i, (p, _) in enumerate(ds.samples)}
         again = [ds[i] for i in range(len(ds))]  # known-bad files are not re-read nor re-warned
     assert {name for name, item in out.items() if item is None} == skipped

@@ -13,7 +13,7 @@ from PIL import Image
 
 from generator.cache import build_stream_shards, build_token_cache, cache_manifest, merge_shards
 from tokenizer import load_tokenizer
-from tokenizer.formats import detect_format, has_split, open_split
+from titok_core.formats import detect_format, has_split, open_split
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASSES = ["n01_cat", "n02_dog", "n03_eel"]

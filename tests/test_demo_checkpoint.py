@@ -7,7 +7,7 @@ import torch
 
 from tokenizer import load_tokenizer
 from tokenizer.assets import shipped_path
-from tokenizer.demo_shapes import CLASS_NAMES, image_rng, render_demo_image
+from titok_core.demo_shapes import CLASS_NAMES, image_rng, render_demo_image
 
 README_PSNR = 26.88  # README "The demo tokenizer": held-out PSNR of the shipped file (stage 5) on these 200 images
 
@@ -44,7 +44,7 @@ def test_shipped_demo_generator_models_the_shipped_tokenizers_tokens():
 
     from generator import load_generator
     from generator.assets import shipped_path as shipped_generator
-    from tokenizer.checkpoints import read_model_extra
+    from titok_core.checkpoints import read_model_extra
 
     gen = load_generator("maskgit_demo")
     assert read_model_extra(shipped_generator("maskgit_demo"))["tokenizer"]["spec"] == "titok_demo"

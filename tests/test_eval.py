@@ -32,15 +32,14 @@ from eval.fidelity import (
     fid_from_stats,
     list_image_files,
     load_reference_stats,
-    psnr,
     read_reference_meta,
     reference_stats_from_folder,
     save_reference_stats,
-    ssim,
     stats_from_npz_images,
-    to_uint8,
 )
-from tokenizer.checkpoints import CheckpointError
+from titok_core.images import to_uint8
+from titok_core.metrics import psnr, ssim
+from titok_core.checkpoints import CheckpointError
 
 
 def _images(seed: int, n: int, size: int = 40, tint: tuple = (0, 0, 0)) -> torch.Tensor:

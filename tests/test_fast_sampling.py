@@ -7,7 +7,7 @@ import torch
 from generator import build_generator
 from sampling import sample_tokens
 from sampling.fast import FastDecoder, StaticSampler, pipelined, to_uint8
-from sampling.sampler import plan_steps
+from generator.sampler import plan_steps
 from tokenizer import load_tokenizer
 
 SAMPLING = dict(

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from generator import CheckpointError, build_generator, load_generator, official
 from generator.presets import PRESETS
 from sampling import sample_tokens
-from tokenizer.checkpoints import read_config_file, save_model_file
+from titok_core.checkpoints import read_config_file, save_model_file
 
 ARCHS = ["generator_imagebert", "generator_uvit"]
 

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from generator import load_generator
 from generator.train import train
-from tokenizer.checkpoints import read_model_extra
+from titok_core.checkpoints import read_model_extra
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "generator"
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats, save_reference_stats, to_uint8
+from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats, save_reference_stats
+from titok_core.images import to_uint8
 from eval.gfid import class_balanced_labels, run
 from sampling import sample_tokens
 from sampling.pipeline import load_pipeline

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tokenizer import CheckpointError, PRESETS, load_tokenizer, official
-from tokenizer.checkpoints import key_mismatches, read_config_file
+from titok_core.checkpoints import key_mismatches, read_config_file
 from tokenizer.presets import HUB_REPOS, RELEASED_FILES
 
 FIXTURES = Path(__file__).parent / "fixtures"

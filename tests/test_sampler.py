@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from generator import build_generator, official
-from generator.schedules import arccos_mask_ratio
+from generator.mask_schedule import arccos_mask_ratio
 from sampling import sample_tokens
 
 SAMPLING = dict(

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from test_cli import PAD, assert_one_line_error, run_cli  # tests/ is on sys.path under pytest
-from tokenizer.demo_shapes import CLASS_NAMES
+from titok_core.demo_shapes import CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # the tiny tokenizer's images
@@ -45,7 +45,7 @@ def make_tiny_models(folder: Path) -> Path:
     returns the generator file (all ``sampling.serve`` needs)."""
     from generator import build_generator
     from tokenizer import build_tokenizer
-    from tokenizer.checkpoints import save_model_file
+    from titok_core.checkpoints import save_model_file
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer import build_tokenizer, load_tokenizer, runtime
-from tokenizer.data import ImageFolderDataset, InMemoryImages
+from titok_core import runtime
+from tokenizer import build_tokenizer, load_tokenizer
+from titok_core.data import ImageFolderDataset, InMemoryImages
 from tokenizer.model import FSQ
 from tokenizer.presets import small_image_size, titok_small
-from tokenizer.schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
+from titok_core.lr_schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
 from tokenizer.train import resolve_model
-from tokenizer.training import TokenPrior, gradient_loss
+from tokenizer.lightning_module import TokenPrior, gradient_loss
 
 
 def test_fsq_codes_round_trip_and_pass_gradients():
@@ -157,7 +158,7 @@ def test_in_memory_images_match_the_folder_and_count_bad_files(tmp_path):
 
 def test_digits_dataset_is_written_once(tmp_path):
     pytest.importorskip("sklearn")
-    from tokenizer.digits import CLASS_NAMES, make_digits_dataset
+    from titok_core.digits import CLASS_NAMES, make_digits_dataset
 
     root = make_digits_dataset(tmp_path / "digits", size=32)
     train = ImageFolderDataset(root / "train", resolution=32, train=False)
@@ -183,7 +184,7 @@ def test_fit_schedule_to_time_sets_the_cosine_horizon():
     trainer = SimpleNamespace(global_step=0, max_steps=10**6, callbacks=[])
     cb.on_train_start(trainer, module)
     clock = iter([0.0, 2.0, 3.0])  # 4 steps in 2 s (2 steps/s), then 4 in 1 s (4 steps/s)
-    import tokenizer.schedule as sched
+    import titok_core.lr_schedule as sched
 
     real = sched.time.perf_counter
     sched.time.perf_counter = lambda: next(clock)
@@ -213,7 +214,7 @@ def test_auto_precision_follows_native_cpu_bf16(monkeypatch, caplog, native):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "_logged_choices", set())
-    with caplog.at_level(logging.INFO, logger="tokenizer.runtime"):
+    with caplog.at_level(logging.INFO, logger="titok_core.runtime"):
         assert runtime.resolve_dtype(torch.device("cpu"), "auto") == ("bf16" if native else "fp32")
         assert runtime.resolve_precision("auto") == ("bf16-mixed" if native else "32-true")
         runtime.resolve_dtype(torch.device("cpu"), "auto")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from tokenizer import CheckpointError, load_tokenizer, official
-from tokenizer.checkpoints import read_config_file
+from titok_core.checkpoints import read_config_file
 
 
 def _load(fx):
@@ -195,7 +195,7 @@ def test_non_legacy_rgb_variant_matches_official_layout():
 
 def test_bf16_autocast_on_cpu(official_tiny):
     """bf16 autocast runs end to end; quantisation stays float32, so most tokens survive."""
-    from tokenizer.runtime import autocast
+    from titok_core.runtime import autocast
 
     tok, x, e = _load(official_tiny)
     with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):

@@ -13,7 +13,7 @@ from tokenizer import load_tokenizer
 from tokenizer.model import PixelDecoder
 from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
 from tokenizer.train import train, usage_figure
-from tokenizer.training import LPIPS, CodeUsage, codebook_perplexity, codebook_usage, token_counts
+from tokenizer.lightning_module import LPIPS, CodeUsage, codebook_perplexity, codebook_usage, token_counts
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "tokenizer")
 TINY = {

@@ -1,4 +1,4 @@
-"""The pieces of the MaskGIT training recipe (generator/training.py), each checked against a direct computation."""
+"""The pieces of the MaskGIT training recipe (generator/lightning_module.py), each checked against a direct computation."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from generator import load_generator
-from generator.training import MaskGITModule, ema_callback, mask_tokens, masked_token_loss, warmup_cosine
+from generator.lightning_module import MaskGITModule, mask_tokens, masked_token_loss
+from titok_core.lr_schedule import warmup_cosine
+from titok_core.trainer import ema_callback
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +206,9 @@ def test_training_reduces_loss(tiny_config):
 
 @pytest.mark.parametrize("data", ["device", "fixed"])
 def test_generator_benchmark_runs_its_plain_loop_on_cpu(data):
-    """``python -m generator.benchmark`` without --trainer: real steps of the shipped demo generator, on
+    """``python -m titok_bench.generator`` without --trainer: real steps of the shipped demo generator, on
     batches gathered from a random cache (the default) or on one fixed batch; the loss is the training loss."""
-    from generator.benchmark import main
+    from titok_bench.generator import main
 
     result = main(["--preset", "maskgit_demo", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4",
                    "--steps", "2", "--warmup", "1", "--cache-size", "16", "--data", data])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizer import official
 from tokenizer.assets import SHIPPED, shipped_path
-from tokenizer.checkpoints import CheckpointError, load_strict, read_own_model, read_state_dict, resolve_spec
+from titok_core.checkpoints import CheckpointError, load_strict, read_own_model, read_state_dict, resolve_spec
 from tokenizer.model import TiTok, fsq_codebook_size
 from tokenizer.presets import PRESETS
 

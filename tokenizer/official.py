@@ -30,7 +30,7 @@ import re
 import torch
 from torch import nn
 
-from tokenizer.checkpoints import CheckpointError
+from titok_core.checkpoints import CheckpointError
 
 # Official ViT size names -> (width, depth, heads). "tiny", "micro" and "mini" are not in the
 # official tables: they are the sizes that the parity fixtures (shared/fixtures/official_tiny,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer import official
-from tokenizer.checkpoints import CheckpointError, load_strict, read_state_dict
+from titok_core.checkpoints import CheckpointError, load_strict, read_state_dict
 from tokenizer.model import ResBlock
 
 

@@ -16,8 +16,10 @@ from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from tokenizer import load_tokenizer
-from tokenizer.data import list_images, load_image_rgb, preprocess
-from tokenizer.runtime import autocast, exit_on_user_error, pick_device, save_png
+from titok_core.data import list_images, load_image_rgb, preprocess
+from titok_core.images import save_png
+from titok_core.metrics import psnr
+from titok_core.runtime import autocast, exit_on_user_error, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,12 @@ def reconstruct(
             tokens = tok.encode(x)
             recon = tok.decode(tokens).float()
         for p, xi, ri, ti in zip(kept, x, recon, tokens):
-            mse = torch.mean((xi.float() - ri) ** 2).clamp_min(1e-10)
             name = f"{p.stem}_recon.png"
             if name in used:  # the same file name in two folders: keep both outputs
                 name = f"{p.stem}_{len(records)}_recon.png"
             used.add(name)
             target = save_png(torch.stack([xi, ri]), out / name, nrow=2)
-            record = {"path": str(p), "output": str(target), "psnr": float(10 * torch.log10(1 / mse))}
+            record = {"path": str(p), "output": str(target), "psnr": float(psnr(ri[None], xi[None].float()))}
             if tok.quantize_mode == "vae":
                 ti = ti.float()
                 record["latents"] = {"shape": list(ti.shape), "mean": float(ti.mean()), "std": float(ti.std())}

@@ -24,14 +24,16 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from tokenizer.builtin import NATIVE_SIZE, make_builtin_dataset
-from tokenizer.checkpoints import save_model_file
-from tokenizer.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
-from tokenizer.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
+from titok_core.builtin import NATIVE_SIZE, make_builtin_dataset
+from titok_core.checkpoints import save_model_file
+from titok_core.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
+from titok_core.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
 from tokenizer.presets import PRESETS, small_image_size, titok_small
-from tokenizer.runtime import exit_on_user_error, resolve_precision, save_png
-from tokenizer.schedule import schedule_callbacks
-from tokenizer.training import SaveLast, TiTokModule
+from titok_core.images import save_png
+from titok_core.runtime import exit_on_user_error, resolve_precision
+from titok_core.lr_schedule import schedule_callbacks
+from tokenizer.lightning_module import TiTokModule
+from titok_core.trainer import SaveLast
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def first_image_side(root: Path) -> int:
 def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
     """Train images (augmented) and a fixed random subset of held-out images (not augmented).
 
-    ``data.root`` is any format of :mod:`tokenizer.formats`; WebDataset shards give an endless
+    ``data.root`` is any format of :mod:`titok_core.formats`; WebDataset shards give an endless
     shuffled stream for training (see :func:`_webdataset_datasets`). ``data.in_memory``: the
     train split is decoded once into RAM (small datasets).
     """
@@ -115,7 +117,7 @@ def _webdataset_datasets(cfg: DictConfig, shards: WebDatasetShards, image_size: 
     images of the val shards (or, without them, of the train shards, then left out of training)."""
     from functools import partial
 
-    from tokenizer.data import preprocess
+    from titok_core.data import preprocess
 
     root, fmt, want = cfg.data.root, cfg.data.get("format", "auto"), cfg.data.val_images
     held_out = not has_split(root, cfg.data.val_split, data_format=fmt)

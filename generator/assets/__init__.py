@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizer.assets import package_file
+from titok_core.checkpoints import package_file
 
 SHIPPED = {
     # The demo generator (experiment=demo trained longer than the 5-minute quick start), the

@@ -5,20 +5,13 @@
 """
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+
+from titok_core.checkpoints import package_file
 
 SHIPPED = {
     "titok_demo": "titok_demo.safetensors",  # experiment=demo: 64x64 shapes, 32 tokens x 1000 FSQ codes
 }
-
-
-def package_file(package: str, filename: str) -> Path:
-    """A file shipped in ``package`` (e.g. "generator.assets"), as a real path; an error when missing."""
-    path = Path(str(resources.files(package) / filename))
-    if not path.is_file():
-        raise FileNotFoundError(f"shipped model file {path} is missing: reinstall titok-gen")
-    return path
 
 
 def shipped_path(name: str) -> Path | None:

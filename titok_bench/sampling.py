@@ -1,7 +1,7 @@
 """Benchmark end-to-end sampling: class labels -> tokens -> uint8 images on the device (random weights are fine).
 
-    python -m sampling.benchmark --preset maskgit_l32 --batch-size 125 --dtype bf16
-    python -m sampling.benchmark --preset uvit_s128 --paths fast --sampler-compile reduce-overhead
+    python -m titok_bench.sampling --preset maskgit_l32 --batch-size 125 --dtype bf16
+    python -m titok_bench.sampling --preset uvit_s128 --paths fast --sampler-compile reduce-overhead
 Prints one JSON line. For each path (``--paths``):
 
 * eager: ``sample_tokens`` + ``TiTok.decode`` one batch after the other (what sampling.generate does);
@@ -29,9 +29,9 @@ import torch
 from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES, FastDecoder, StaticSampler, pipelined, to_uint8
 from sampling.pipeline import load_pipeline
-from sampling.sampler import sample_tokens
-from tokenizer.benchmark import largest_batch, peak_memory_mb, time_call
-from tokenizer.runtime import autocast, pick_device
+from generator.sampler import sample_tokens
+from titok_bench.timing import largest_batch, peak_memory_mb, time_call
+from titok_core.runtime import autocast, pick_device
 
 PAPER_REFERENCE = "TiTok-L-32 101.6 samples/s on A100"
 

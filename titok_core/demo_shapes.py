@@ -13,7 +13,7 @@ any one image can be remade alone. :func:`make_demo_dataset` writes the usual im
     root/train/00_red_circle/00000.png ... # sorted folder order == class id
     root/val/00_red_circle/00000.png ...
 
-    python -m tokenizer.demo_shapes data/demo_shapes --train 1000 --val 100
+    python -m titok_core.demo_shapes data/demo_shapes --train 1000 --val 100
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Benchmark building the token cache from JPEG files, decoding included (random tokenizer weights are fine).
 
-    python -m generator.cache_benchmark --tokenizer titok_l32 --images 4096 --batch-size 256 --dtype bf16
-    python -m generator.cache_benchmark --folder /data/imagenet/val --images 8192 --compile
+    python -m titok_bench.cache --tokenizer titok_l32 --images 4096 --batch-size 256 --dtype bf16
+    python -m titok_bench.cache --folder /data/imagenet/val --images 8192 --compile
 Prints one JSON line. For each decode path (``--decode``; see ``generator.cache.build_shards``):
 images/s of building the shards (read, decode, resize + crop, encode the image and its mirror,
 write; the manifest and merge are not timed), images/s of reading + decoding + preprocessing
@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from generator.cache import _collate, _on_device, _ShardBatches, build_shards
 from generator.device_decode import EncodedImages, collate_encoded, decode_batch
 from tokenizer import PRESETS, load_tokenizer
-from tokenizer.benchmark import largest_batch, peak_memory_mb
-from tokenizer.data import ImageFolderDataset
-from tokenizer.runtime import autocast, pick_device
+from titok_bench.timing import largest_batch, peak_memory_mb
+from titok_core.data import ImageFolderDataset
+from titok_core.runtime import autocast, pick_device
 
 IMAGENET_SIZES = [(500, 375), (375, 500), (500, 333), (500, 500), (333, 500), (500, 400), (640, 480), (400, 300)]
 

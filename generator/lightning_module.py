@@ -4,18 +4,18 @@ The recipe: t ~ U(0,1) per sequence, round(L * arccos(t) / (pi/2)) positions mas
 least one); cross-entropy with label smoothing 0.1 weighted 1 on masked and 0.1 on unmasked
 positions; class labels dropped to the null label with probability 0.1 (for guidance); AdamW
 (2e-4, betas 0.9/0.96, weight decay 0.03 on matrices only), linear warm-up then cosine to
-1e-5; gradient clipping 1.0 (Trainer); EMA of the weights (``ema_callback``).
+1e-5; gradient clipping 1.0 (Trainer); EMA of the weights (``titok_core.trainer.ema_callback``).
 """
 from __future__ import annotations
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import WeightAveraging
 
 from generator.model import build_generator
-from generator.schedules import arccos_mask_ratio
-from tokenizer.schedule import warmup_cosine  # noqa: F401  (re-exported for tests)
+from generator.mask_schedule import arccos_mask_ratio
+from titok_core.lr_schedule import warmup_cosine
+from titok_core.trainer import param_groups
 
 
 def mask_tokens(
@@ -49,24 +49,8 @@ def masked_token_loss(
     return loss, hits.float().mean()
 
 
-def _ema_decay(num_averaged: torch.Tensor, max_decay: float) -> torch.Tensor:
-    n = num_averaged.float()
-    return torch.clamp((1 + n) / (10 + n), max=max_decay)
-
-
-def ema_callback(max_decay: float = 0.999) -> WeightAveraging:
-    """EMA of the weights with decay min((1+s)/(10+s), max_decay), s the number of updates so far."""
-
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        decay = _ema_decay(num_averaged, max_decay).to(averaged.device)
-        return averaged * decay + current * (1 - decay)
-
-    return WeightAveraging(avg_fn=avg_fn)
-
-
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Official exclusion: vectors (norms, biases) and embeddings get no weight decay."""
-    return param.ndim < 2 or any(s in name for s in ("norm", "bias", "embed", "mask_token"))
+# The official exclusion, besides vectors: norms, biases, embeddings and the mask token.
+NO_DECAY_KEYS = ("norm", "bias", "embed", "mask_token")
 
 
 class MaskGITModule(L.LightningModule):
@@ -111,12 +95,8 @@ class MaskGITModule(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/masked_acc": acc}, sync_dist=True, batch_size=batch[0].shape[0])
 
     def configure_optimizers(self):
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": self.hparams.weight_decay},
-        ]
         hp = self.hparams
+        groups = param_groups(self.model.named_parameters(), weight_decay=hp.weight_decay, no_decay_keys=NO_DECAY_KEYS)
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_adamw() or None)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,

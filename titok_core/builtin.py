@@ -15,12 +15,12 @@ def make_builtin_dataset(
     """Write built-in dataset ``name`` at ``root`` unless it is there already; returns ``root``."""
     size = size or NATIVE_SIZE.get(name)
     if name == "demo":
-        from tokenizer.demo_shapes import make_demo_dataset
+        from titok_core.demo_shapes import make_demo_dataset
 
         return make_demo_dataset(root, num_train_per_class=demo_train_per_class,
                                  num_val_per_class=demo_val_per_class, size=size, seed=seed)
     if name == "digits":
-        from tokenizer.digits import make_digits_dataset
+        from titok_core.digits import make_digits_dataset
 
         return make_digits_dataset(root, size=size, seed=seed)
     raise ValueError(f"unknown built-in dataset {name!r}; known: {', '.join(NATIVE_SIZE)}")

@@ -16,6 +16,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
@@ -247,3 +248,11 @@ def read_own_model(
         if diff:
             raise CheckpointError(f"{path} was made for another {kind} config (differs in: {', '.join(diff)})")
     return file_config, state_dict
+
+
+def package_file(package: str, filename: str) -> Path:
+    """A file shipped in ``package`` (e.g. "generator.assets"), as a real path; an error when missing."""
+    path = Path(str(resources.files(package) / filename))
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped model file {path} is missing: reinstall titok-gen")
+    return path

@@ -1,6 +1,6 @@
 """Benchmark building a token cache from a dataset in any format (folder, Hugging Face, WebDataset).
 
-    python -m generator.format_benchmark --data-root data/demo_shapes --split val \
+    python -m titok_bench.formats --data-root data/demo_shapes --split val \
         --tokenizer checkpoints/titok_demo.safetensors [--data-format auto] [--batch-size 64] [--num-workers 0]
 Prints one JSON line: images/s of the whole build (reading, decoding, preprocessing, encoding
 each image and its mirror, writing and merging the shards) into a fresh temporary directory,
@@ -18,8 +18,8 @@ import torch
 
 from generator.cache import build_token_cache
 from tokenizer import load_tokenizer
-from tokenizer.formats import open_split
-from tokenizer.runtime import pick_device
+from titok_core.formats import open_split
+from titok_core.runtime import pick_device
 
 
 def main(argv: list[str] | None = None) -> dict:

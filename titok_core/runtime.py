@@ -1,4 +1,4 @@
-"""Small runtime helpers shared by the entry points: device, precision, image files."""
+"""Device and precision choices, and the one-line error exit shared by every entry point."""
 from __future__ import annotations
 
 import contextlib
@@ -76,18 +76,6 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
-def save_png(images: torch.Tensor, path: str | os.PathLike, *, nrow: int = 8) -> Path:
-    """Write float [B,3,H,W] (or [3,H,W]) in [0,1] as one PNG grid, atomically."""
-    from torchvision.utils import save_image
-
-    from tokenizer.checkpoints import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_image(images.float().clamp(0, 1), tmp, format="png", nrow=nrow, padding=2, pad_value=1.0)
-    return path
-
-
 def resolve_precision(precision: str) -> str:
     """Lightning precision; 'auto' -> 'bf16-mixed' on GPU and on CPUs with native bf16, else
     '32-true' (see :func:`cpu_has_native_bf16`). The choice is logged once per process."""
@@ -103,7 +91,7 @@ def exit_on_user_error(*extra: type[BaseException]):
     Covers CheckpointError, FileNotFoundError and ValueError (with their subclasses such as
     CacheMismatchError and ReferenceStatsError) plus ``extra``.
     """
-    from tokenizer.checkpoints import CheckpointError
+    from titok_core.checkpoints import CheckpointError
 
     try:
         yield

@@ -25,7 +25,7 @@ Bad files never crash a run:
   ``num_skipped``, and :func:`collate_skip_bad` drops the Nones from the batch.
 
 The other stores of ImageNet (Hugging Face datasets, WebDataset shards) are read by
-:mod:`tokenizer.formats` through the same loading and preprocessing.
+:mod:`titok_core.formats` through the same loading and preprocessing.
 """
 from __future__ import annotations
 

@@ -35,20 +35,16 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tokenizer import build_tokenizer
-from tokenizer.checkpoints import CheckpointError, read_state_dict
+from titok_core.checkpoints import CheckpointError, read_state_dict
 from tokenizer.model import FSQ, VectorQuantizer
-from tokenizer.schedule import warmup_cosine
+from titok_core.lr_schedule import warmup_cosine
+from titok_core.metrics import psnr
+from titok_core.trainer import ema_update, param_groups
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- metrics
-
-def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB: float [B,3,H,W] in [0,1] (recon is clamped) -> float32 [B]."""
-    mse = (recon.float().clamp(0, 1) - target.float()).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp(min=1e-10))
-
 
 def token_counts(tokens: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """int64 tokens of any shape -> float32 [codebook_size] counts per code."""
@@ -280,20 +276,6 @@ class LPIPS(nn.Module):
         return total
 
 
-# --------------------------------------------------------------------------- schedule / EMA
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, *, step: int, max_decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, decay = min((1+step)/(10+step), max_decay)."""
-    decay = min((1 + step) / (10 + step), max_decay)
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim < 2 or any(s in name for s in ("embedding", "latent_tokens", "norm", "bias"))
-
-
 # --------------------------------------------------------------------------- module
 
 class TiTokModule(L.LightningModule):
@@ -507,11 +489,7 @@ class TiTokModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": hp.weight_decay},
-        ]
+        groups = param_groups(self.model.named_parameters(), weight_decay=hp.weight_decay, no_decay_keys=NO_DECAY_KEYS)
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters()), "weight_decay": hp.weight_decay,
                            "lr": hp.disc_lr or hp.lr})
@@ -536,15 +514,3 @@ class TiTokModule(L.LightningModule):
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights to ship: the EMA copy when on, else the trained model."""
         return (self.ema if self.ema is not None else self.model).state_dict()
-
-
-class SaveLast(Callback):
-    """Write last.ckpt when training ends (max_steps or max_time), before any weight averaging is
-    copied into the model, so a rerun with a larger budget resumes exactly."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_end(self, trainer, pl_module):
-        # The full state (optimiser, loops, callbacks), not only the weights: a rerun resumes from it.
-        trainer.save_checkpoint(self.path, weights_only=False)

@@ -1,7 +1,7 @@
 """Benchmark gFID evaluation: ``eval.gfid mode=inception`` end to end, with random weights everywhere.
 
-    python -m eval.benchmark --preset maskgit_l32 --num-samples 50000 --batch-size 125
-    python -m eval.benchmark --preset maskgit_l32 --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
+    python -m titok_bench.eval --preset maskgit_l32 --num-samples 50000 --batch-size 125
+    python -m titok_bench.eval --preset maskgit_l32 --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
 Runs the real evaluation (sampling, decoding and Inception streamed batch by batch, over
 classes balanced as for the paper's 50,000 samples) with random generator and tokenizer
 weights, a randomly initialised Inception and random reference statistics: the FID it prints
@@ -22,8 +22,8 @@ from torch import nn
 
 from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES
-from tokenizer.benchmark import largest_batch, peak_memory_mb
-from tokenizer.runtime import pick_device
+from titok_bench.timing import largest_batch, peak_memory_mb
+from titok_core.runtime import pick_device
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "eval"
 
@@ -138,7 +138,7 @@ def _probe(cfg, pipe, args, device: torch.device) -> dict:
     """The largest batch for which one batch goes through sampling, decoding and Inception."""
     from eval.fidelity import InceptionFeatures, to_uint8
     from eval.gfid import _sampler_and_decoder
-    from tokenizer.runtime import autocast
+    from titok_core.runtime import autocast
 
     sampler, decoder = _sampler_and_decoder(pipe, cfg)
     acc = InceptionFeatures(cfg.inception_weights, device=device)

@@ -1,6 +1,6 @@
 """Benchmark generator training throughput (random weights, random tokens).
 
-    python -m generator.benchmark --preset maskgit_l32 --batch-size 512 --dtype bf16 --compile --trainer
+    python -m titok_bench.generator --preset maskgit_l32 --batch-size 512 --dtype bf16 --compile --trainer
 Prints one JSON line: steps/s, samples (sequences)/s and tokens/s of full training steps, peak
 memory, and the largest batch that fits (probed on CUDA with eager steps).
 
@@ -26,9 +26,10 @@ import torch
 from generator import load_generator
 from generator.presets import PRESETS
 from generator.token_data import DeviceTokenLoader, EpochOrder, TokenDataModule
-from generator.training import MaskGITModule, ema_callback
-from tokenizer.benchmark import largest_batch, peak_memory_mb, time_call
-from tokenizer.runtime import autocast, pick_device
+from generator.lightning_module import MaskGITModule
+from titok_core.trainer import ema_callback
+from titok_bench.timing import largest_batch, peak_memory_mb, time_call
+from titok_core.runtime import autocast, pick_device
 
 IMAGENET_SEQUENCES = 2 * 1_281_167  # each image and its mirror
 

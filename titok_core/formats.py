@@ -3,7 +3,7 @@
 One ``data_root`` names any of them; :func:`detect_format` tells which (``data_format=``
 overrides it), and :func:`open_split` opens one split:
 
-* ``"folder"`` — ``<root>/<split>/<class>/**/<image>`` (:class:`tokenizer.data.ImageFolderDataset`).
+* ``"folder"`` — ``<root>/<split>/<class>/**/<image>`` (:class:`titok_core.data.ImageFolderDataset`).
 * ``"hf"`` — a Hugging Face ``datasets`` image dataset with ``image`` and ``label`` columns:
   a folder written by ``save_to_disk`` (a Dataset, or a DatasetDict whose splits are picked
   by ``split``), or parquet shards (a ``.parquet`` file, a glob, or a folder holding them,
@@ -17,7 +17,7 @@ overrides it), and :func:`open_split` opens one split:
   as the official converter writes them. Shards are streamed, never indexed: readers take
   whole shards (:class:`WebDatasetShards`). Tar shards carry no class names.
 
-Every format decodes images with :func:`tokenizer.data.load_image_rgb` and the same
+Every format decodes images with :func:`titok_core.data.load_image_rgb` and the same
 preprocessing, so the same image bytes give the same tensor in every format; unreadable
 images (or samples without an image or label) are skipped and counted.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tokenizer.data import IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, load_image_rgb, preprocess
+from titok_core.data import IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, load_image_rgb, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def open_split(
 ):
     """One split of any format -> a map-style dataset or, for WebDataset, :class:`WebDatasetShards`.
 
-    Map-style (folder, hf): an :class:`~tokenizer.data.ImageRecordsDataset` giving
+    Map-style (folder, hf): an :class:`~titok_core.data.ImageRecordsDataset` giving
     (float32 [3,R,R] in [0,1] — or ``transform(PIL image)`` — , label int) or None for an
     unreadable image, with ``classes`` and ``num_skipped``. ``split`` None: ``root`` itself is
     the split (a class-folder tree, a single Dataset, parquet files, shards). Raises
