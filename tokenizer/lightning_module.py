@@ -43,6 +43,9 @@ from titok_core.trainer import ema_update, param_groups
 
 log = logging.getLogger(__name__)
 
+# Besides vectors: embeddings, the latent tokens, norms and biases get no weight decay.
+NO_DECAY_KEYS = ("embedding", "latent_tokens", "norm", "bias")
+
 
 # --------------------------------------------------------------------------- metrics
 
