@@ -12,10 +12,12 @@ from pathlib import Path
 
 from generator import official
 from generator.assets import SHIPPED, shipped_path
-from generator.model import CONFIG_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator
-from generator.presets import PRESETS
+from generator.model import (
+    CONFIG_KEYS, LEGACY_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator, config_from_file,
+)
+from generator.presets import HUB_REPOS, PRESETS, RELEASED_FILES
 from titok_core.checkpoints import (
-    CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, resolve_spec,
+    CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, require_weights, resolve_spec,
 )
 
 __all__ = [
@@ -29,8 +31,8 @@ _NON_WEIGHT_KEYS = {"dropout", "attn_drop"}
 def _config_from(raw: dict, source: str) -> tuple[dict, dict]:
     if official.is_official_config(raw):
         return official.config_from_official(raw)
-    if "hidden_size" in raw and set(raw) <= set(CONFIG_KEYS):
-        return {"arch": "imagebert", **raw}, {}
+    if "hidden_size" in raw and set(raw) <= set(CONFIG_KEYS) | set(LEGACY_KEYS):
+        return {"arch": "imagebert", **config_from_file(raw)}, {}  # our own config.json, of any version
     raise CheckpointError(f"{source} is neither an official generator config nor a titok-gen generator config")
 
 
@@ -53,7 +55,9 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, dict, Path | None, s
     return config, sampling, resolved.weights, resolved.source
 
 
-def load_generator(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> MaskedTokenGenerator:
+def load_generator(
+    spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, random_weights: bool = False,
+) -> MaskedTokenGenerator:
     """Build a generator from ``spec`` and load ``checkpoint`` strictly; returns it in eval mode.
 
     spec: a preset name (``maskgit_l32``, ``maskgit_b64``, ``uvit_s128``), a shipped generator
@@ -63,7 +67,8 @@ def load_generator(spec: str | os.PathLike, checkpoint: str | os.PathLike | None
     Face repo id (``yucornetto/generator_titok_l32_imagenet``), or one of our own
     ``.safetensors`` model files. checkpoint: official weights (``generator_titok_l32.bin``,
     HF ``model.safetensors``) or our own model file; it overrides weights found through
-    ``spec``. Without any weights the model is randomly initialised.
+    ``spec``. A released preset without weights is refused (one-line CheckpointError naming its
+    hub repo and file) unless ``random_weights`` asks for a randomly initialised model.
 
     The model carries ``.config`` (rebuilds it with ``build_generator``), ``.sampling`` (the
     released or trained-with sampling settings; {} if unknown) and ``.source``. Any mismatch
@@ -72,11 +77,13 @@ def load_generator(spec: str | os.PathLike, checkpoint: str | os.PathLike | None
     config, sampling, weights, source = _resolve(spec)
     if checkpoint is not None:
         weights = Path(checkpoint)
+    if weights is None and not random_weights:
+        require_weights(spec, kind="generator", hub_repos=HUB_REPOS, files=RELEASED_FILES)
     state_dict = None
     if weights is not None:
         ours = read_own_model(
             weights, kind="generator", config=None if config is None else {"arch": "imagebert", **config},
-            ignore=tuple(_NON_WEIGHT_KEYS),
+            ignore=tuple(_NON_WEIGHT_KEYS), translate=config_from_file,
         )
         if ours is not None:
             config, state_dict = ours

@@ -12,7 +12,7 @@ Token space (one embedding table of ``codebook_size + num_classes + 2`` rows):
     K+1+C             the "no class" token, i.e. class ``null_label == num_classes``
 The label token is prepended to the N image tokens and dropped again before the head.
 
-Shapes: B batch, N = seq_len image tokens, L = N + 1, D = hidden_size, K = codebook_size.
+Shapes: B batch, N = num_tokens image tokens, L = N + 1, D = hidden_size, K = codebook_size.
 """
 from __future__ import annotations
 
@@ -93,19 +93,19 @@ class PreNormBlock(nn.Module):
 class MaskedTokenGenerator(nn.Module):
     """What both architectures share: the token space, the label token and the public attributes.
 
-    Attributes: ``codebook_size`` (K), ``seq_len`` (N), ``num_classes`` (C), ``mask_id`` (= K),
+    Attributes: ``codebook_size`` (K), ``num_tokens`` (N), ``num_classes`` (C), ``mask_id`` (= K),
     ``null_label`` (= C, the label meaning "no class").
     """
 
-    def __init__(self, *, hidden_size: int, codebook_size: int, seq_len: int, num_classes: int):
+    def __init__(self, *, hidden_size: int, codebook_size: int, num_tokens: int, num_classes: int):
         super().__init__()
         self.codebook_size = codebook_size
-        self.seq_len = seq_len
+        self.num_tokens = num_tokens
         self.num_classes = num_classes
         self.mask_id = codebook_size
         self.null_label = num_classes
         self.token_embed = nn.Embedding(codebook_size + num_classes + 2, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + 1, hidden_size))
 
     def embed(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens int64 [B,N] in [0, K] (K = mask_id), labels int64 [B] in [0, C] -> float [B,L,D].
@@ -117,9 +117,9 @@ class MaskedTokenGenerator(nn.Module):
         return self.token_embed(ids)
 
     def _check(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
-        if tokens.ndim != 2 or tokens.shape[1] > self.seq_len or labels.shape != tokens.shape[:1]:
+        if tokens.ndim != 2 or tokens.shape[1] > self.num_tokens or labels.shape != tokens.shape[:1]:
             raise ValueError(
-                f"expected tokens [B, <={self.seq_len}] and labels [B], "
+                f"expected tokens [B, <={self.num_tokens}] and labels [B], "
                 f"got {tuple(tokens.shape)} and {tuple(labels.shape)}"
             )
 
@@ -132,10 +132,11 @@ class ImageBert(MaskedTokenGenerator):
     """
 
     def __init__(
-        self, *, hidden_size: int, depth: int, num_heads: int, mlp_dim: int, codebook_size: int, seq_len: int,
+        self, *, hidden_size: int, depth: int, num_heads: int, mlp_dim: int, codebook_size: int, num_tokens: int,
         num_classes: int, dropout: float = 0.1, attn_drop: float = 0.1,
     ):
-        super().__init__(hidden_size=hidden_size, codebook_size=codebook_size, seq_len=seq_len, num_classes=num_classes)
+        super().__init__(hidden_size=hidden_size, codebook_size=codebook_size, num_tokens=num_tokens,
+                         num_classes=num_classes)
         eps = official.BERT_LAYER_NORM_EPS
         self.type_embed = nn.Parameter(torch.zeros(hidden_size))
         self.embed_norm = nn.LayerNorm(hidden_size, eps=eps)
@@ -179,10 +180,11 @@ class UViT(MaskedTokenGenerator):
     """
 
     def __init__(
-        self, *, hidden_size: int, depth: int, num_heads: int, mlp_dim: int, codebook_size: int, seq_len: int,
+        self, *, hidden_size: int, depth: int, num_heads: int, mlp_dim: int, codebook_size: int, num_tokens: int,
         num_classes: int, dropout: float = 0.0, attn_drop: float = 0.0,
     ):
-        super().__init__(hidden_size=hidden_size, codebook_size=codebook_size, seq_len=seq_len, num_classes=num_classes)
+        super().__init__(hidden_size=hidden_size, codebook_size=codebook_size, num_tokens=num_tokens,
+                         num_classes=num_classes)
         if depth % 2 != 1:
             raise ValueError(f"UViT depth counts all blocks (in + mid + out) and must be odd, got {depth}")
         kw = dict(dropout=dropout, attn_drop=attn_drop)
@@ -220,21 +222,39 @@ class UViT(MaskedTokenGenerator):
 
 ARCHITECTURES: dict[str, type[MaskedTokenGenerator]] = {"imagebert": ImageBert, "uvit": UViT}
 CONFIG_KEYS = (
-    "arch", "hidden_size", "depth", "num_heads", "mlp_dim", "codebook_size", "seq_len", "num_classes", "dropout",
+    "arch", "hidden_size", "depth", "num_heads", "mlp_dim", "codebook_size", "num_tokens", "num_classes", "dropout",
     "attn_drop",
 )
+# Keys that files written before the rename spell differently: old -> new. Only files are
+# translated (config_from_file); a config passed in with an old key fails with one line.
+LEGACY_KEYS = {"seq_len": "num_tokens"}
+
+
+def config_from_file(raw: dict) -> dict:
+    """The generator config stored in a file (our ``titok_gen.config`` metadata or our own JSON
+    config), whichever version wrote it -> today's keys. The one place where old spellings are read."""
+    config = dict(raw)
+    for old, new in LEGACY_KEYS.items():
+        if old in config:
+            config.setdefault(new, config[old])
+            del config[old]
+    return config
 
 
 def build_generator(config: dict) -> MaskedTokenGenerator:
     """Our generator config -> a randomly initialised model with ``.config`` (a copy of it).
 
     config: the constructor kwargs plus ``"arch"``: "imagebert" (the default when absent) or
-    "uvit". Unknown keys or archs raise CheckpointError (configs usually come from files).
+    "uvit". Old key names (``seq_len``), unknown keys or archs raise CheckpointError with one
+    line (configs usually come from files; files with old names go through config_from_file).
     """
     from titok_core.checkpoints import CheckpointError
 
     config = dict(config)
     config.setdefault("arch", "imagebert")
+    old = sorted(set(config) & set(LEGACY_KEYS))
+    if old:
+        raise CheckpointError("; ".join(f"{k} was renamed {LEGACY_KEYS[k]}" for k in old))
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise CheckpointError(f"unknown generator config key(s): {', '.join(sorted(unknown))}")

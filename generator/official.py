@@ -76,7 +76,7 @@ def config_from_official(config: dict) -> tuple[dict, dict]:
             # UViTBlock rebuilds the width from mlp_ratio = intermediate / hidden.
             "mlp_dim": inter if arch == "imagebert" else int(hidden * (inter / hidden)),
             "codebook_size": int(vq["codebook_size"]),
-            "seq_len": int(gen["image_seq_len"]),
+            "num_tokens": int(gen["image_seq_len"]),
             "num_classes": int(gen["condition_num_classes"]),
             "dropout": float(gen.get("dropout", 0.1)) if arch == "imagebert" else 0.0,
             "attn_drop": float(gen.get("attn_drop", 0.1)) if arch == "imagebert" else 0.0,
@@ -128,7 +128,7 @@ _UVIT_TOP = [("embeddings.weight", "token_embed.weight"), ("lm_head.", "head.")]
 
 def official_key_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every key of the official state dict for our ``config``, with its shape."""
-    d, k, n, m = config["hidden_size"], config["codebook_size"], config["seq_len"], config["mlp_dim"]
+    d, k, n, m = config["hidden_size"], config["codebook_size"], config["num_tokens"], config["mlp_dim"]
     vocab = k + config["num_classes"] + 2
     shapes: dict[str, tuple[int, ...]] = {}
     if config["arch"] == "imagebert":

@@ -8,10 +8,10 @@ turns softmax temperature annealing on and keeps guidance_scale_pow at 3.0).
 from __future__ import annotations
 
 
-def _maskgit(seq_len: int) -> dict:
+def _maskgit(num_tokens: int) -> dict:
     return {
         "arch": "imagebert", "hidden_size": 768, "depth": 24, "num_heads": 16, "mlp_dim": 3072,
-        "codebook_size": 4096, "seq_len": seq_len, "num_classes": 1000, "dropout": 0.1, "attn_drop": 0.1,
+        "codebook_size": 4096, "num_tokens": num_tokens, "num_classes": 1000, "dropout": 0.1, "attn_drop": 0.1,
     }
 
 
@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     "uvit_s128": {
         "model": {
             "arch": "uvit", "hidden_size": 1024, "depth": 21, "num_heads": 16, "mlp_dim": 4096,
-            "codebook_size": 4096, "seq_len": 128, "num_classes": 1000, "dropout": 0.0, "attn_drop": 0.0,
+            "codebook_size": 4096, "num_tokens": 128, "num_classes": 1000, "dropout": 0.0, "attn_drop": 0.0,
         },
         "sampling": _sampling(64, 6.9, "power-cosine", 2.8),
         "tokenizer": "titok_s128",

@@ -34,7 +34,7 @@ def _as_official(z):  # ours [B,N,T] -> official [B,T,1,N]
 
 def test_vq8k_matches_official():
     tok, x, e = _load("official_vq8k_tiny")
-    assert tok.config["enc_width"] != tok.config["dec_width"] and not tok.config["use_l2_norm"]
+    assert tok.config.enc_width != tok.config.dec_width and not tok.config.use_l2_norm
     with torch.no_grad():
         z = tok.encode_latents(x)
         z_q, tokens, _ = tok.quantize(z)
@@ -51,7 +51,7 @@ def test_vq8k_matches_official():
 
 def test_vae_matches_official():
     tok, x, e = _load("official_vae_tiny")
-    assert tok.quantize_mode == "vae" and tok.codebook_size is None and tok.quantize is None
+    assert tok.quantizer == "vae" and not tok.is_discrete and tok.codebook_size is None and tok.quantize is None
     with torch.no_grad():
         params = tok.encode_latents(x)
         mean, std = tok.posterior(x)
@@ -123,13 +123,13 @@ def test_nine_presets_have_the_official_configs_and_shapes():
         official_sd = {k: torch.empty(shape, device="meta") for k, shape in rec["shapes"].items()}
         converted = official.state_dict_from_official(official_sd, PRESETS[name])
         with torch.device("meta"):
-            tok = load_tokenizer(name)
+            tok = load_tokenizer(name, random_weights=True)
         ours = {k: tuple(v.shape) for k, v in tok.state_dict().items()}
         assert key_mismatches(ours, {k: tuple(v.shape) for k, v in converted.items()}) == [], name
         assert tok.num_tokens == rec["config"]["model"]["vq_model"]["num_latent_tokens"]
     with torch.device("meta"):
-        vae = load_tokenizer("titok_bl128_vae_c16")
-        vq8k = load_tokenizer("titok_sl256_vq8k")
+        vae = load_tokenizer("titok_bl128_vae_c16", random_weights=True)
+        vq8k = load_tokenizer("titok_sl256_vq8k", random_weights=True)
     assert vae.encoder.proj_out.weight.shape == (32, 768) and vae.decoder.embed.weight.shape == (1024, 16)
     assert vq8k.quantize.embedding.weight.shape == (8192, 64) and vq8k.decoder.head.weight.shape == (768, 1024)
 
@@ -141,7 +141,7 @@ def test_maskgit_generation_refuses_a_vae_tokenizer(official_tiny):
     vae = FIXTURES / "official_vae_tiny" / "config.yaml"
     with pytest.raises(CheckpointError, match=r"^MaskGIT generation needs a VQ tokenizer with discrete tokens; .*"
                                               r"official_vae_tiny/config.yaml is a continuous \(VAE\) tokenizer$"):
-        load_pipeline(generator=g / "config.yaml", checkpoint=g / "generator.bin", tokenizer=vae)
+        load_pipeline(generator={"spec": g / "config.yaml", "checkpoint": g / "generator.bin"}, tokenizer={"spec": vae})
 
 
 def test_tokenizer_training_refuses_a_vae_config():

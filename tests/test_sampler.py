@@ -18,7 +18,7 @@ SAMPLING = dict(
 def gen(request):
     torch.manual_seed(0)
     config = dict(
-        arch=request.param, hidden_size=32, depth=3, num_heads=2, mlp_dim=64, codebook_size=16, seq_len=10,
+        arch=request.param, hidden_size=32, depth=3, num_heads=2, mlp_dim=64, codebook_size=16, num_tokens=10,
         num_classes=5,
     )
     return build_generator(config).eval()
@@ -41,7 +41,7 @@ def test_same_seed_same_tokens_other_seed_other_tokens(gen):
     a = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(1), **SAMPLING)
     b = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(1), **SAMPLING)
     c = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(2), **SAMPLING)
-    assert a.dtype == torch.int64 and a.shape == (6, gen.seq_len)
+    assert a.dtype == torch.int64 and a.shape == (6, gen.num_tokens)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int(a.min()) >= 0 and int(a.max()) < gen.codebook_size
 
@@ -69,7 +69,7 @@ def test_one_doubled_forward_per_guided_step(gen, decay):
 
 def test_masked_count_follows_the_arccos_schedule(gen):
     calls = _record(gen)
-    steps, n = 8, gen.seq_len
+    steps, n = 8, gen.num_tokens
     sample_tokens(gen, torch.tensor([0, 1, 2, 3]), **{**SAMPLING, "num_steps": steps, "guidance_decay": "constant"})
     masked = [int((tokens[:4] == gen.mask_id).sum(1)[0]) for tokens, _ in calls]
     for tokens, _ in calls:  # every row has the same number masked
@@ -91,7 +91,7 @@ def test_decoded_tokens_stay(gen):
 def test_bf16_autocast(gen):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = sample_tokens(gen, torch.tensor([0, 1]), rng=torch.Generator().manual_seed(0), **SAMPLING)
-    assert tokens.shape == (2, gen.seq_len) and int(tokens.max()) < gen.codebook_size
+    assert tokens.shape == (2, gen.num_tokens) and int(tokens.max()) < gen.codebook_size
 
 
 def test_schedules_and_guidance_scales():
@@ -104,7 +104,7 @@ def test_schedules_and_guidance_scales():
     assert cos[0] == 1.0 and all(a < b for a, b in zip(cos, cos[1:])) and cos[-1] < 6.9
     with pytest.raises(ValueError, match="unknown guidance_decay"):
         sample_tokens(build_generator(dict(
-            hidden_size=8, depth=1, num_heads=1, mlp_dim=8, codebook_size=4, seq_len=2, num_classes=1,
+            hidden_size=8, depth=1, num_heads=1, mlp_dim=8, codebook_size=4, num_tokens=2, num_classes=1,
         )), torch.tensor([0]), **{**SAMPLING, "guidance_decay": "cosine"})
 
 

@@ -212,6 +212,6 @@ def test_generator_benchmark_runs_its_plain_loop_on_cpu(data):
 
     result = main(["--preset", "maskgit_demo", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4",
                    "--steps", "2", "--warmup", "1", "--cache-size", "16", "--data", data])
-    assert result["seq_len"] == 32 and result["params_m"] > 1
+    assert result["num_tokens"] == 32 and result["params_m"] > 1
     assert result["steps_per_s"] > 0 and 0 < result["last_loss"] < 10
     assert result["cache_sequences"] == (16 if data == "device" else None)

@@ -12,53 +12,51 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizer import official
 from tokenizer.assets import SHIPPED, shipped_path
-from titok_core.checkpoints import CheckpointError, load_strict, read_own_model, read_state_dict, resolve_spec
-from tokenizer.model import TiTok, fsq_codebook_size
-from tokenizer.presets import PRESETS
+from titok_core.checkpoints import (
+    CheckpointError, load_strict, read_own_model, read_state_dict, require_weights, resolve_spec,
+)
+from tokenizer.config import FIELDS, LEGACY_KEYS, TiTokConfig, config_from_file, make_config
+from tokenizer.model import TiTok
+from tokenizer.presets import HUB_REPOS, PRESETS, RELEASED_FILES
 
-__all__ = ["TiTok", "build_tokenizer", "load_tokenizer", "require_vq", "CheckpointError", "PRESETS"]
-
-_CONFIG_KEYS = set(TiTok.__init__.__kwdefaults__)
-
-
-def build_tokenizer(config: dict) -> TiTok:
-    """Our TiTok config (constructor kwargs) -> a randomly initialised TiTok with ``.config``."""
-    unknown = set(config) - _CONFIG_KEYS
-    if unknown:
-        raise CheckpointError(f"unknown tokenizer config key(s): {', '.join(sorted(unknown))}")
-    config = dict(config)
-    if config.get("quantizer") == "fsq":  # both follow from the levels
-        config["codebook_size"] = fsq_codebook_size(config["fsq_levels"])
-        config["token_size"] = len(config["fsq_levels"])
-    model = TiTok(**config)
-    model.config = config
-    return model
+__all__ = [
+    "TiTok", "TiTokConfig", "build_tokenizer", "load_tokenizer", "require_discrete", "CheckpointError", "PRESETS",
+]
 
 
-def require_vq(tokenizer: TiTok, purpose: str) -> None:
-    """Raise CheckpointError (one line) unless ``tokenizer`` makes discrete tokens, as ``purpose`` needs."""
-    if getattr(tokenizer, "quantize_mode", "vq") != "vq":
+def build_tokenizer(config: TiTokConfig | Mapping) -> TiTok:
+    """A TiTokConfig, or a mapping of some of its fields (a preset, ``model.*`` of tokenizer.train;
+    the rest keep their defaults) -> a randomly initialised TiTok whose ``.config`` is the full
+    TiTokConfig. An old key name (``num_latent_tokens``) or an unknown key raises CheckpointError
+    with one line; files written with old names are translated by ``load_tokenizer`` instead."""
+    return TiTok(make_config(config))
+
+
+def require_discrete(tokenizer: TiTok, purpose: str) -> None:
+    """Raise CheckpointError (one line) unless ``tokenizer`` makes discrete tokens (vq, fsq), as ``purpose`` needs."""
+    if not tokenizer.is_discrete:
         source = getattr(tokenizer, "source", "the tokenizer")
         raise CheckpointError(
             f"{purpose} needs a VQ tokenizer with discrete tokens; {source} is a continuous (VAE) tokenizer"
         )
 
 
-def _config_from(raw: dict, source: str) -> dict:
+def _config_from(raw: dict, source: str) -> TiTokConfig:
     if official.is_official_config(raw):
-        return official.config_from_official(raw)
-    if set(raw) <= _CONFIG_KEYS and "enc_width" in raw:
-        return dict(raw)
+        return make_config(official.config_from_official(raw))
+    if set(raw) <= FIELDS | set(LEGACY_KEYS) and "enc_width" in raw:
+        return config_from_file(raw)  # our own config.json, of any version
     raise CheckpointError(f"{source} is neither an official TiTok config nor a titok-gen tokenizer config")
 
 
-def _resolve(spec: str | os.PathLike) -> tuple[dict | None, Path | None, str]:
+def _resolve(spec: str | os.PathLike) -> tuple[TiTokConfig | None, Path | None, str]:
     if isinstance(spec, str) and spec in PRESETS:
-        return dict(PRESETS[spec]), None, f"preset:{spec}"
+        return make_config(PRESETS[spec]), None, f"preset:{spec}"
     if isinstance(spec, str) and spec in SHIPPED:
         return None, shipped_path(spec), f"shipped:{spec}"
     resolved = resolve_spec(spec)
@@ -71,7 +69,9 @@ def _resolve(spec: str | os.PathLike) -> tuple[dict | None, Path | None, str]:
     return config, resolved.weights, resolved.source
 
 
-def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> TiTok:
+def load_tokenizer(
+    spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, random_weights: bool = False,
+) -> TiTok:
     """Build a TiTok from ``spec`` and load ``checkpoint`` strictly; returns it in eval mode.
 
     spec: a preset name (the nine released tokenizers ``titok_l32``, ``titok_b64``,
@@ -81,16 +81,22 @@ def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None
     ``model.safetensors``/``pytorch_model.bin``, a Hugging Face repo id, or one of our own
     ``.safetensors`` model files. checkpoint: official weights (``tokenizer_titok_l32.bin``
     state dicts, HF ``model.safetensors``) or our own model file; it overrides weights found
-    through ``spec``. Without any weights the model is randomly initialised.
+    through ``spec``. A released preset without weights is refused (one-line CheckpointError naming
+    its hub repo and file) unless ``random_weights`` asks for a randomly initialised model.
     """
     config, weights, source = _resolve(spec)
     if checkpoint is not None:
         weights = Path(checkpoint)
+    if weights is None and not random_weights:
+        require_weights(spec, kind="tokenizer", hub_repos=HUB_REPOS, files=RELEASED_FILES)
     state_dict = None
     if weights is not None:
-        ours = read_own_model(weights, kind="tokenizer", config=config)
+        ours = read_own_model(
+            weights, kind="tokenizer", config=None if config is None else config.to_dict(),
+            translate=lambda raw: config_from_file(raw).to_dict(),  # compared in the complete form
+        )
         if ours is not None:
-            config, state_dict = ours
+            config, state_dict = TiTokConfig(**ours[0]), ours[1]
         else:
             state_dict = read_state_dict(weights)
             if config is None:
@@ -98,7 +104,7 @@ def load_tokenizer(spec: str | os.PathLike, checkpoint: str | os.PathLike | None
                     f"{weights} is a bare state dict: pass a preset or config as spec and the file as checkpoint"
                 )
             if official.is_official_state_dict(state_dict):
-                state_dict = official.state_dict_from_official(state_dict, config)
+                state_dict = official.state_dict_from_official(state_dict, config.to_dict())
     model = build_tokenizer(config)
     if state_dict is not None:
         load_strict(model, state_dict, what=f"tokenizer checkpoint {weights}")

@@ -318,7 +318,7 @@ class TiTokModule(L.LightningModule):
         self.model = build_tokenizer(config)
         if self.proxy is not None:
             factor = 2 ** (len(self.proxy.encoder.down) - 1)
-            if factor != config.get("patch_size", 16):
+            if factor != self.model.config.patch_size:
                 raise ValueError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
             missing = self.model.load_state_dict(pixel_state, strict=False)
             if missing.unexpected_keys:
@@ -343,7 +343,7 @@ class TiTokModule(L.LightningModule):
         if rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
                 raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
-            self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=config["num_latent_tokens"],
+            self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
         self.lpips = None
         if perceptual_weight > 0:

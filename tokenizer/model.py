@@ -1,13 +1,15 @@
-"""TiTok: a 1D image tokenizer (ViT encoder -> latent tokens -> VQ or VAE -> ViT decoder -> pixels).
+"""TiTok: a 1D image tokenizer (ViT encoder -> latent tokens -> VQ, FSQ or VAE -> ViT decoder -> pixels).
 
 Built from the smallest part up: attention block -> ViT encoder/decoder -> quantiser ->
-MaskGIT-VQGAN pixel decoder -> TiTok. Key names are this project's own; the official names
-are converted in :mod:`tokenizer.official`, which also documents every quirk that the
-released checkpoints need.
+MaskGIT-VQGAN pixel decoder -> TiTok, which one :class:`tokenizer.config.TiTokConfig` sizes.
+Key names are this project's own; the official names are converted in :mod:`tokenizer.official`,
+which also documents every quirk that the released checkpoints need.
 
 Shapes: B batch, N latent tokens, T token (code) size, D width, G = image_size // patch_size.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from tokenizer import official
+from tokenizer.config import TiTokConfig
 
 
 class Attention(nn.Module):
@@ -128,7 +131,7 @@ class TiTokEncoder(nn.Module):
 
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-        num_latent_tokens: int, token_size: int, legacy_layout: bool, conv_stem: bool = False,
+        num_tokens: int, token_size: int, legacy_layout: bool, conv_stem: bool = False,
         dense_mixing: int = 0, sincos_positions: bool = False,
     ):
         super().__init__()
@@ -143,13 +146,13 @@ class TiTokEncoder(nn.Module):
         self.positional_embedding = _embedding(self.grid_size**2 + 1, width=width)
         if sincos_positions:
             _init_patch_positions(self.positional_embedding, self.grid_size, scale=0.2)
-        self.latent_positional_embedding = _embedding(num_latent_tokens, width=width)
+        self.latent_positional_embedding = _embedding(num_tokens, width=width)
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm_post = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, token_size)
         # Optional dense path patches -> latent tokens (see TiTok's ``dense_mixing``).
-        self.mix = DenseMixing(self.grid_size**2, num_latent_tokens, width, dense_mixing) if dense_mixing else None
+        self.mix = DenseMixing(self.grid_size**2, num_tokens, width, dense_mixing) if dense_mixing else None
 
     def forward(self, images: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
@@ -178,7 +181,7 @@ class TiTokDecoder(nn.Module):
 
     def __init__(
         self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-        num_latent_tokens: int, token_size: int, output: str, proxy_codebook_size: int = 1024,
+        num_tokens: int, token_size: int, output: str, proxy_codebook_size: int = 1024,
         feature_channels: int = 0, dense_mixing: int = 0, sincos_positions: bool = False,
     ):
         super().__init__()
@@ -193,12 +196,12 @@ class TiTokDecoder(nn.Module):
         if sincos_positions:
             _init_patch_positions(self.positional_embedding, self.grid_size, scale=1.0)
         self.mask_token = _embedding(1, 1, width=width)
-        self.latent_positional_embedding = _embedding(num_latent_tokens, width=width)
+        self.latent_positional_embedding = _embedding(num_tokens, width=width)
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, num_heads) for _ in range(depth))
         self.norm_post = nn.LayerNorm(width)
         # Optional dense path latent tokens -> patch queries (see TiTok's ``dense_mixing``).
-        self.mix = DenseMixing(num_latent_tokens, self.grid_size**2, width, dense_mixing) if dense_mixing else None
+        self.mix = DenseMixing(num_tokens, self.grid_size**2, width, dense_mixing) if dense_mixing else None
         if output == "proxy_codes":
             self.head = nn.Sequential(
                 nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, proxy_codebook_size)
@@ -288,7 +291,7 @@ class FSQ(nn.Module):
         lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
-        self.codebook_size = int(lv.prod())
+        self.codebook_size = math.prod(int(n) for n in levels)  # from Python ints: also builds on the meta device
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         """float [...,T] -> values in (-L/2, L/2) that round to the L integer levels of each channel."""
@@ -327,14 +330,6 @@ class FSQ(nn.Module):
         tokens = (digits * self.basis).sum(-1)  # (B, N)
         zero = z.new_zeros((), dtype=torch.float32)
         return z_q, tokens, {"quantizer_loss": zero, "commitment_loss": zero, "codebook_loss": zero}
-
-
-def fsq_codebook_size(levels: tuple[int, ...] | list[int]) -> int:
-    """The number of FSQ codes: the product of the levels."""
-    size = 1
-    for n in levels:
-        size *= int(n)
-    return size
 
 
 class ResBlock(nn.Module):
@@ -413,16 +408,18 @@ class PixelDecoder(nn.Module):
 
 
 class TiTok(nn.Module):
-    """The TiTok tokenizer.
+    """The TiTok tokenizer, built from a :class:`tokenizer.config.TiTokConfig` (kept as ``.config``).
 
     Images are float [B,3,H,W] in [0,1] (no mean/std normalisation, as the official code);
     tokens are int64 [B,N] in [0, codebook_size).
 
-    ``quantize_mode="vq"`` quantises each latent token to the nearest of ``codebook_size``
-    codes. ``"vae"`` (the released continuous tokenizers) has no codebook: the encoder
-    predicts a diagonal Gaussian posterior over ``token_size`` channels per token (mean and
-    log-variance, :func:`tokenizer.official.diagonal_gaussian`), and the decoder takes
-    latents float [B,N,T] instead of tokens; ``codebook_size`` is then None.
+    ``quantizer`` is the one switch between token kinds. ``"vq"`` quantises each latent token
+    to the nearest of ``codebook_size`` codes; ``"fsq"`` is finite scalar quantisation with
+    ``fsq_levels`` (codebook_size = prod(levels), token_size = len(levels)). ``"vae"`` (the
+    released continuous tokenizers) has no codebook: the encoder predicts a diagonal Gaussian
+    posterior over ``token_size`` channels per token (mean and log-variance,
+    :func:`tokenizer.official.diagonal_gaussian`), and the decoder takes latents float [B,N,T]
+    instead of tokens; ``codebook_size`` is then None and ``is_discrete`` False.
 
     ``decoder_output="proxy_codes"`` is the released two-stage design: the ViT decoder
     predicts logits over the 1024 MaskGIT-VQGAN codes, their softmax weights the VQGAN
@@ -430,74 +427,59 @@ class TiTok(nn.Module):
     non-legacy single-stage variant (the ViT decoder predicts pixels). ``"conv"`` is this project's
     small-scale design: the ViT decoder predicts a feature grid that a MaskGIT-VQGAN-style conv
     decoder (``pixel_decoder_*``) upsamples to pixels, which keeps edges sharp at little cost.
-
-    ``quantizer="vq"`` is TiTok's nearest-code quantiser (``codebook_size`` x ``token_size``);
-    ``"fsq"`` is finite scalar quantisation with ``fsq_levels`` (codebook_size = prod(levels),
-    token_size = len(levels)).
     """
 
-    def __init__(
-        self, *, image_size: int = 256, patch_size: int = 16, enc_width: int = 1024, enc_depth: int = 24,
-        enc_heads: int = 16, dec_width: int = 1024, dec_depth: int = 24, dec_heads: int = 16,
-        num_latent_tokens: int = 32, codebook_size: int | None = 4096, token_size: int = 12, use_l2_norm: bool = True,
-        commitment_cost: float = 0.25, legacy_layout: bool = True, decoder_output: str = "proxy_codes",
-        pixel_decoder_hidden_channels: int = 128, proxy_codebook_size: int = 1024, proxy_code_dim: int = 256,
-        quantizer: str = "vq", fsq_levels: tuple[int, ...] | list[int] = (),
-        pixel_decoder_channel_mult: tuple[int, ...] | list[int] = (1, 1, 2, 2, 4), pixel_decoder_res_blocks: int = 2,
-        pixel_decoder_out_upscale: int = 1, conv_stem: bool = False, dense_mixing: int = 0,
-        quantize_mode: str = "vq", sincos_positions: bool = False,
-    ):
+    def __init__(self, config: TiTokConfig | None = None):
         super().__init__()
-        if quantize_mode not in ("vq", "vae"):
-            raise ValueError(f"quantize_mode must be 'vq' or 'vae', got {quantize_mode!r}")
-        if quantizer not in ("vq", "fsq"):
-            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {quantizer!r}")
-        if decoder_output not in ("proxy_codes", "rgb", "conv"):
-            raise ValueError(f"decoder_output must be 'proxy_codes', 'rgb' or 'conv', got {decoder_output!r}")
-        if quantizer == "fsq" and quantize_mode == "vq":
-            codebook_size, token_size = fsq_codebook_size(fsq_levels), len(fsq_levels)
-        self.image_size = image_size
-        self.num_tokens = num_latent_tokens
-        self.token_size = token_size
-        self.quantize_mode = quantize_mode
-        self.codebook_size = codebook_size if quantize_mode == "vq" else None
-        self.decoder_output = decoder_output
-        self.latent_tokens = _embedding(num_latent_tokens, width=enc_width)
+        c = TiTokConfig() if config is None else config
+        self.config = c
+        self.image_size = c.image_size
+        self.num_tokens = c.num_tokens
+        self.token_size = c.token_size
+        self.quantizer = c.quantizer
+        self.codebook_size = c.codebook_size
+        self.decoder_output = c.decoder_output
+        self.latent_tokens = _embedding(c.num_tokens, width=c.enc_width)
         self.encoder = TiTokEncoder(
-            image_size=image_size, patch_size=patch_size, width=enc_width, depth=enc_depth, num_heads=enc_heads,
-            num_latent_tokens=num_latent_tokens, legacy_layout=legacy_layout,
-            token_size=2 * token_size if quantize_mode == "vae" else token_size,  # VAE: mean and log-variance
-            conv_stem=conv_stem, dense_mixing=dense_mixing, sincos_positions=sincos_positions,
+            image_size=c.image_size, patch_size=c.patch_size, width=c.enc_width, depth=c.enc_depth,
+            num_heads=c.enc_heads, num_tokens=c.num_tokens, legacy_layout=c.legacy_layout,
+            token_size=2 * c.token_size if c.quantizer == "vae" else c.token_size,  # VAE: mean and log-variance
+            conv_stem=c.conv_stem, dense_mixing=c.dense_mixing, sincos_positions=c.sincos_positions,
         )
         self.quantize = None
-        if quantize_mode == "vq" and quantizer == "fsq":
-            self.quantize = FSQ(levels=fsq_levels)
-        elif quantize_mode == "vq":
+        if c.quantizer == "fsq":
+            self.quantize = FSQ(levels=c.fsq_levels)
+        elif c.quantizer == "vq":
             self.quantize = VectorQuantizer(
-                codebook_size=codebook_size, token_size=token_size, use_l2_norm=use_l2_norm,
-                commitment_cost=commitment_cost,
+                codebook_size=c.codebook_size, token_size=c.token_size, use_l2_norm=c.use_l2_norm,
+                commitment_cost=c.commitment_cost,
             )
-        conv_channels = pixel_decoder_hidden_channels * pixel_decoder_channel_mult[-1]
+        conv_channels = c.pixel_decoder_hidden_channels * c.pixel_decoder_channel_mult[-1]
         self.decoder = TiTokDecoder(
-            image_size=image_size, patch_size=patch_size, width=dec_width, depth=dec_depth, num_heads=dec_heads,
-            num_latent_tokens=num_latent_tokens, token_size=token_size,
-            output={"conv": "features"}.get(decoder_output, decoder_output),
-            proxy_codebook_size=proxy_codebook_size, feature_channels=conv_channels, dense_mixing=dense_mixing,
-            sincos_positions=sincos_positions,
+            image_size=c.image_size, patch_size=c.patch_size, width=c.dec_width, depth=c.dec_depth,
+            num_heads=c.dec_heads, num_tokens=c.num_tokens, token_size=c.token_size,
+            output={"conv": "features"}.get(c.decoder_output, c.decoder_output),
+            proxy_codebook_size=c.proxy_codebook_size, feature_channels=conv_channels, dense_mixing=c.dense_mixing,
+            sincos_positions=c.sincos_positions,
         )
-        if decoder_output == "proxy_codes":
-            self.proxy_codebook = nn.Embedding(proxy_codebook_size, proxy_code_dim)
-            self.pixel_decoder = PixelDecoder(hidden_channels=pixel_decoder_hidden_channels, z_channels=proxy_code_dim)
-        elif decoder_output == "conv":
-            factor = 2 ** (len(pixel_decoder_channel_mult) - 1) * pixel_decoder_out_upscale
-            if factor != patch_size:
+        if c.decoder_output == "proxy_codes":
+            self.proxy_codebook = nn.Embedding(c.proxy_codebook_size, c.proxy_code_dim)
+            self.pixel_decoder = PixelDecoder(hidden_channels=c.pixel_decoder_hidden_channels, z_channels=c.proxy_code_dim)
+        elif c.decoder_output == "conv":
+            factor = 2 ** (len(c.pixel_decoder_channel_mult) - 1) * c.pixel_decoder_out_upscale
+            if factor != c.patch_size:
                 raise ValueError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
-                                 f"but patch_size is {patch_size}")
+                                 f"but patch_size is {c.patch_size}")
             self.pixel_decoder = PixelDecoder(
-                hidden_channels=pixel_decoder_hidden_channels, channel_mult=tuple(pixel_decoder_channel_mult),
-                num_res_blocks=pixel_decoder_res_blocks, z_channels=conv_channels,
-                out_upscale=pixel_decoder_out_upscale,
+                hidden_channels=c.pixel_decoder_hidden_channels, channel_mult=c.pixel_decoder_channel_mult,
+                num_res_blocks=c.pixel_decoder_res_blocks, z_channels=conv_channels,
+                out_upscale=c.pixel_decoder_out_upscale,
             )
+
+    @property
+    def is_discrete(self) -> bool:
+        """True when :meth:`encode` gives token ids (vq, fsq); False for continuous latents (vae)."""
+        return self.config.is_discrete
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """float [B,3,H,W] in [0,1] -> pre-quantisation latents float [B,N,T] (VAE: [B,N,2T] posterior parameters)."""
@@ -525,7 +507,7 @@ class TiTok(nn.Module):
         VAE: -> latents float32 [B,N,T], the posterior mean, or with ``generator`` a sample
         ``mean + std * noise`` drawn from it (noise on the generator's device).
         """
-        if self.quantize_mode == "vae":
+        if not self.is_discrete:
             mean, std = self.posterior(images)
             if generator is None:
                 return mean
@@ -541,8 +523,8 @@ class TiTok(nn.Module):
     @torch.no_grad()
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE only: float [B,3,H,W] in [0,1] -> (mean, std), each float32 [B,N,T], std > 0."""
-        if self.quantize_mode != "vae":
-            raise ValueError("posterior() is for VAE tokenizers; this one is VQ")
+        if self.is_discrete:
+            raise ValueError(f"posterior() is for VAE tokenizers; this one is {self.quantizer}")
         return official.diagonal_gaussian(self.encode_latents(images))
 
     @torch.no_grad()
@@ -551,7 +533,7 @@ class TiTok(nn.Module):
 
         VAE: latents float [B,N,T] (from :meth:`encode`) -> images float [B,3,H,W] in [0,1].
         """
-        if self.quantize_mode == "vae":
+        if not self.is_discrete:
             if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.num_tokens, self.token_size) or not tokens.is_floating_point():
                 raise ValueError(
                     f"a VAE tokenizer decodes float latents [B, {self.num_tokens}, {self.token_size}], "
@@ -566,8 +548,8 @@ class TiTok(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Training path: images [B,3,H,W] -> (reconstruction unclamped, tokens [B,N], quantiser losses)."""
-        if self.quantize_mode != "vq":
-            raise ValueError("training is implemented for VQ tokenizers only; this one is a VAE")
+        if not self.is_discrete:
+            raise ValueError("training is implemented for VQ tokenizers only (quantizer vq or fsq); this one is a VAE")
         z_q, tokens, losses = self.quantize(self.encode_latents(images))
         return self.decode_latents(z_q), tokens, losses
 

@@ -13,7 +13,8 @@ in ``tests/test_tokenizer_parity.py``:
 * Quantisation in float32 with the expanded squared distance (see VectorQuantizer).
 * The ViT decoder predicts logits over the 1024 MaskGIT-VQGAN codes; their softmax weights
   that codebook and the VQGAN decoder renders pixels (``finetune_decoder``).
-* ``diagonal_gaussian`` — the continuous tokenizers (``quantize_mode: vae``): the encoder's
+* ``diagonal_gaussian`` — the continuous tokenizers (official ``quantize_mode: vae``, our
+  ``quantizer: vae``): the encoder's
   2T channels per token are the posterior mean (first T) and log-variance (last T), the
   log-variance clamped to ``LOGVAR_RANGE`` = [-30, 20], std = exp(logvar / 2), all in float32.
   The decoder takes the latents as they are (no scale factor; the one in the official MaskGen
@@ -79,7 +80,12 @@ def is_official_config(config: dict) -> bool:
 
 
 def config_from_official(config: dict) -> dict:
-    """An official TiTok config (YAML or HF config.json, as a dict) -> our TiTok kwargs."""
+    """An official TiTok config (YAML or HF config.json, as a dict) -> our TiTok config (TiTokConfig fields).
+
+    The official names map to ours: ``num_latent_tokens`` -> ``num_tokens``, ``quantize_mode``
+    (vq | vae) -> ``quantizer`` (vq | vae; fsq is not an official mode), ``is_legacy`` ->
+    ``legacy_layout``, ``finetune_decoder`` -> ``decoder_output`` proxy_codes (else rgb).
+    """
     vq = config["model"]["vq_model"]
     crop = config.get("dataset", {}).get("preprocessing", {}).get("crop_size", 256)
     mode = vq.get("quantize_mode", "vq")
@@ -109,7 +115,8 @@ def config_from_official(config: dict) -> dict:
         "patch_size": int(vq["vit_enc_patch_size"]),
         "enc_width": sizes["enc"][0], "enc_depth": sizes["enc"][1], "enc_heads": sizes["enc"][2],
         "dec_width": sizes["dec"][0], "dec_depth": sizes["dec"][1], "dec_heads": sizes["dec"][2],
-        "num_latent_tokens": int(vq["num_latent_tokens"]),
+        "num_tokens": int(vq["num_latent_tokens"]),
+        "quantizer": mode,
         "codebook_size": int(vq["codebook_size"]) if mode == "vq" else None,
         "token_size": int(vq["token_size"]),
         "use_l2_norm": bool(vq.get("use_l2_norm", False)),
@@ -118,10 +125,7 @@ def config_from_official(config: dict) -> dict:
         "decoder_output": "proxy_codes" if finetune_decoder else "rgb",
         "pixel_decoder_hidden_channels": int(vq.get("pixel_decoder_hidden_channels", 128)),
     }
-    if mode == "vae":
-        # No codebook. The key is written only for VAE so VQ configs (and the fingerprints of
-        # token caches made from them) stay as they were.
-        config.update(quantize_mode="vae", codebook_size=None)
+    if mode == "vae":  # no codebook, so no code normalisation nor commitment either
         del config["use_l2_norm"], config["commitment_cost"]
     return config
 

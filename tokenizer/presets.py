@@ -1,6 +1,8 @@
 """The nine released TiTok tokenizers (all 256x256, patch 16) and the built-in demo.
 
-Each preset is our TiTok kwargs plus where the released weights live:
+Each preset is our TiTok config (fields of :class:`tokenizer.config.TiTokConfig`; unset fields
+keep their defaults); ``HUB_REPOS`` and ``RELEASED_FILES`` say where the released weights live.
+The kinds:
 
 * legacy two-stage VQ (L-32, B-64, S-128): codebook 4096 x 12, l2-normalised codes, the
   legacy latent layout, a ViT decoder predicting MaskGIT-VQGAN proxy codes;
@@ -21,7 +23,7 @@ def _titok(enc: str, dec: str, num_tokens: int, *, kind: str) -> dict:
         "image_size": 256, "patch_size": 16,
         "enc_width": enc_width, "enc_depth": enc_depth, "enc_heads": enc_heads,
         "dec_width": dec_width, "dec_depth": dec_depth, "dec_heads": dec_heads,
-        "num_latent_tokens": num_tokens,
+        "num_tokens": num_tokens, "quantizer": "vae" if kind == "vae" else "vq",
     }
     if kind == "legacy_vq":
         config.update(codebook_size=4096, token_size=12, use_l2_norm=True, commitment_cost=0.25, legacy_layout=True,
@@ -31,7 +33,7 @@ def _titok(enc: str, dec: str, num_tokens: int, *, kind: str) -> dict:
                       decoder_output="rgb", pixel_decoder_hidden_channels=128)
     else:  # vae: as tokenizer.official.config_from_official writes it
         config.update(codebook_size=None, token_size=16, legacy_layout=False, decoder_output="rgb",
-                      pixel_decoder_hidden_channels=128, quantize_mode="vae")
+                      pixel_decoder_hidden_channels=128)
     return config
 
 
@@ -53,7 +55,7 @@ def titok_small(image_size: int = 64) -> dict:
         "image_size": image_size, "patch_size": patch,
         "enc_width": 128, "enc_depth": 3, "enc_heads": 4,
         "dec_width": 128, "dec_depth": 3, "dec_heads": 4,
-        "num_latent_tokens": 32, "quantizer": "fsq", "fsq_levels": [8, 5, 5, 5],
+        "num_tokens": 32, "quantizer": "fsq", "fsq_levels": [8, 5, 5, 5],
         "codebook_size": 1000, "token_size": 4, "legacy_layout": False, "decoder_output": "conv",
         "pixel_decoder_hidden_channels": 32, "pixel_decoder_channel_mult": [1, 2, 2][-levels:],
         "pixel_decoder_res_blocks": 1, "pixel_decoder_out_upscale": 2, "conv_stem": True,
