@@ -60,9 +60,11 @@ class MaskGITModule(L.LightningModule):
         self, *, model_config: dict, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.03, warmup_steps: int = 10_000, max_steps: int = 500_000, end_lr: float = 1e-5,
         label_smoothing: float = 0.1, unmasked_weight: float = 0.1, class_dropout: float = 0.1,
-        fused_adamw: bool | None = None, compile: bool = False,
+        ema: bool = True, ema_max_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
     ):
-        """fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
+        """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_max_decay:
+        the EMA of the weights, which the entry point adds as ``titok_core.trainer.ema_callback``.
+        fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
         torch.compile the network and the loss (the masking stays eager). Neither changes the recipe."""
         super().__init__()
         self.save_hyperparameters()

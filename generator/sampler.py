@@ -129,6 +129,21 @@ def draw_uniforms(
     return u_logits, u_confidence
 
 
+# The settings of :func:`sample_tokens`: the one ``sampling`` config group of every entry point.
+SAMPLING_KEYS = (
+    "num_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow", "randomize_temperature",
+    "softmax_temperature_annealing",
+)
+
+
+def sampling_overrides(group) -> dict:
+    """A ``sampling`` config group (mapping; null entries keep the model's own value) -> the set entries."""
+    unknown = sorted(set(group) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
+    return {k: v for k, v in dict(group).items() if v is not None}
+
+
 @torch.no_grad()
 def sample_tokens(
     generator: torch.nn.Module,
@@ -152,16 +167,16 @@ def sample_tokens(
     0 gives deterministic decoding. softmax_temperature_annealing: divide the logits by
     0.5 + 0.8 * (1 - r). rng: a torch.Generator on the generator's device; the same seed gives
     the same tokens. on_step: called after every step with the number of steps done
-    (1..num_steps), e.g. to show progress. Returns int64 [B, generator.seq_len] in
+    (1..num_steps), e.g. to show progress. Returns int64 [B, generator.num_tokens] in
     [0, generator.codebook_size).
     """
     steps = plan_steps(
-        num_steps=num_steps, seq_len=generator.seq_len, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
+        num_steps=num_steps, seq_len=generator.num_tokens, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
         guidance_scale_pow=guidance_scale_pow, randomize_temperature=randomize_temperature,
         softmax_temperature_annealing=softmax_temperature_annealing,
     )
     labels = labels.long()
-    b, n, k = labels.shape[0], generator.seq_len, generator.codebook_size
+    b, n, k = labels.shape[0], generator.num_tokens, generator.codebook_size
     tokens = torch.full((b, n), generator.mask_id, dtype=torch.long, device=labels.device)
     for step_index, step in enumerate(steps):
         u_logits, u_confidence = draw_uniforms(step, (b, n, k), device=labels.device, rng=rng)

@@ -10,31 +10,38 @@ weights with their config, sampling settings and tokenizer as ``<run_dir>/genera
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from generator.cache import TokenDataset, build_token_cache, check_cache, tokenizer_fingerprint
+from generator.cache import (TokenDataset, build_token_cache, check_cache, dataset_identity, default_cache_dir,
+                             tokenizer_fingerprint)
 from generator.presets import PRESETS as GENERATOR_PRESETS
 from generator.token_data import TokenDataModule
 from generator.lightning_module import MaskGITModule
 from generator.sampler import sample_tokens
-from tokenizer import load_tokenizer, require_vq
+from tokenizer import load_tokenizer, require_discrete
 from titok_core.checkpoints import save_model_file
 from titok_core.images import save_png
-from titok_core.runtime import exit_on_user_error, resolve_precision
-from titok_core.lr_schedule import schedule_callbacks
-from titok_core.trainer import SaveLast, ema_callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from titok_core.checkpoints import atomic_path
+from titok_core.cli import hydra_entry
+from titok_core.runs import builtin_for, dataset_fingerprint, default_run_dir, require_dataset, start_run
+from titok_core.runtime import exit_on_user_error
+from titok_core.trainer import SaveLast, build_trainer, ema_callback
+from generator.sampler import sampling_overrides
 
 log = logging.getLogger(__name__)
+# Trainer settings that change what a run computes (max_steps and max_time only say how long).
+IDENTITY_TRAINER_KEYS = ("precision", "gradient_clip_val", "accumulate_grad_batches", "global_batch")
 
 
-def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_classes: int) -> tuple[dict, dict]:
+def resolve_model(model: str | dict, *, codebook_size: int, num_tokens: int, num_classes: int) -> tuple[dict, dict]:
     """A preset name or kwargs dict -> (generator config, default sampling settings), sized to the data."""
     if isinstance(model, str):
         if model not in GENERATOR_PRESETS:
@@ -43,8 +50,9 @@ def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_cl
         config, sampling = dict(preset["model"]), dict(preset["sampling"])
     else:
         config, sampling = dict(model), {}
-        sampling = config.pop("sampling", sampling)
-    for key, value in (("codebook_size", codebook_size), ("seq_len", seq_len), ("num_classes", num_classes)):
+        if "sampling" in config:
+            raise ValueError("model.sampling was renamed: write the settings under sampling (sampling.guidance_scale=...)")
+    for key, value in (("codebook_size", codebook_size), ("num_tokens", num_tokens), ("num_classes", num_classes)):
         if config.setdefault(key, value) != value:
             raise ValueError(f"generator {key}={config[key]} does not match the token cache ({value})")
     return config, sampling
@@ -52,36 +60,34 @@ def resolve_model(model: str | dict, *, codebook_size: int, seq_len: int, num_cl
 
 def prepare_cache(cfg: DictConfig, tokenizer, *, fabric=None) -> Path:
     """Make the dataset (demo) and the token cache when missing; returns the cache directory."""
-    from titok_core.formats import dataset_name, open_split
+    from titok_core.formats import open_split
 
     root = Path(cfg.data.root)
-    if cfg.data.builtin:
+    builtin = builtin_for(root, cfg.data.builtin)
+    if builtin:
         from titok_core.builtin import make_builtin_dataset
 
-        make_builtin_dataset(cfg.data.builtin, root, size=tokenizer.image_size, seed=cfg.data.builtin_seed,
+        make_builtin_dataset(builtin, root, size=tokenizer.image_size, seed=cfg.data.builtin_seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
                              demo_val_per_class=cfg.data.demo_val_per_class)
-    cache_dir = cfg.cache.dir
-    if cache_dir is None:
-        suffix = "" if cfg.cache.flip else "-noflip"
-        cache_dir = Path("data/token_cache") / f"{dataset_name(root)}-{cfg.data.split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
-    cache_dir = Path(cache_dir)
+    else:
+        require_dataset(root)
+    cache_dir = Path(cfg.cache.dir or default_cache_dir(root=root, split=cfg.data.split, tokenizer=tokenizer,
+                                                       flip=cfg.cache.flip))
+    data = dataset_identity(cfg.data.root, cfg.data.split, cfg.data.format)  # a cache of other data is refused
     if not (cache_dir / "manifest.json").is_file():
         if cfg.trainer.num_nodes > 1:
             raise FileNotFoundError(
                 f"no token cache at {cache_dir}: with several nodes, build it first with python -m generator.cache"
             )
-        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.get("format", "auto"),
-                             resolution=tokenizer.image_size)
+        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.format, resolution=tokenizer.image_size)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         build_token_cache(
             tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=cache_dir,
-            batch_size=cfg.cache.batch_size, device=device, dtype=cfg.cache.dtype, num_workers=cfg.cache.num_workers,
-            fabric=fabric, flip=cfg.cache.flip, decode=cfg.cache.get("decode", "pil"),
-            compile=cfg.cache.get("compile", False),
+            device=device, fabric=fabric, data=data, **{k: v for k, v in cfg.cache.items() if k != "dir"},
         )
     check_cache(cache_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size,
-                flip=cfg.cache.flip)
+                flip=cfg.cache.flip, data=data)
     return cache_dir
 
 
@@ -115,18 +121,33 @@ def train(cfg: DictConfig) -> dict:
     """Run the whole job; returns paths and final figures."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    run_dir = Path(cfg.run_dir)
+    builtin = builtin_for(cfg.data.root, cfg.data.builtin)
+    run_dir = Path(cfg.run_dir or default_run_dir(package="generator", name=cfg.name, root=cfg.data.root,
+                                                  builtin=builtin))
     tokenizer = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
-    require_vq(tokenizer, "MaskGIT training")
+    require_discrete(tokenizer, "MaskGIT training")
     cache_dir = prepare_cache(cfg, tokenizer)
     data = TokenDataset(cache_dir)
     manifest = data.manifest
     num_classes = len(manifest["classes"]) or int(data.labels.max()) + 1
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if isinstance(cfg.model, DictConfig) else cfg.model
     model_config, sampling = resolve_model(
-        model_cfg, codebook_size=manifest["codebook_size"], seq_len=manifest["num_tokens"], num_classes=num_classes
+        model_cfg, codebook_size=manifest["codebook_size"], num_tokens=manifest["num_tokens"], num_classes=num_classes
     )
-    sampling.update(OmegaConf.to_container(cfg.sampling, resolve=True))
+    sampling.update(sampling_overrides(cfg.sampling))
+    if rank_zero_only.rank == 0:  # the other ranks start once rank 0 has checked the run
+        identity = {
+            "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.split, "format": cfg.data.format,
+                        "builtin": builtin, **dataset_fingerprint(cfg.data.root, cfg.data.split)},
+            "tokenizer": tokenizer_fingerprint(tokenizer), "model": model_config,
+            "recipe": {"optim": OmegaConf.to_container(cfg.optim, resolve=True), "batch_size": cfg.batch_size,
+                       "seed": cfg.seed, "cache_flip": cfg.cache.flip,
+                       "trainer": {k: cfg.trainer.get(k) for k in IDENTITY_TRAINER_KEYS}},
+        }
+        if start_run(run_dir, identity, resume=cfg.resume):
+            log.info("%s: the same run, resuming", run_dir)
+        with atomic_path(run_dir / "config.yaml") as tmp:  # this launch's whole config, for the record
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = TokenDataModule(
         data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -136,36 +157,35 @@ def train(cfg: DictConfig) -> dict:
 
     tr = cfg.trainer
     module = MaskGITModule(
-        model_config=model_config, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        warmup_steps=cfg.optim.warmup_steps, max_steps=tr.max_steps, end_lr=cfg.optim.end_lr,
-        label_smoothing=cfg.optim.label_smoothing, unmasked_weight=cfg.optim.unmasked_weight,
-        class_dropout=cfg.optim.class_dropout, fused_adamw=cfg.get("fused_adamw"), compile=cfg.get("compile", False),
+        model_config=model_config, max_steps=tr.max_steps, fused_adamw=cfg.fused_adamw, compile=cfg.compile,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
     )
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=0),
-        SaveLast(last), *schedule_callbacks(max_time=tr.max_time, schedule_steps=tr.schedule_steps),
+        SaveLast(last),
     ]
-    if cfg.optim.ema:
-        callbacks.append(ema_callback(cfg.optim.ema_max_decay))
+    if module.hparams.ema:
+        callbacks.append(ema_callback(module.hparams.ema_max_decay))
     grid = SampleGrid(
         tokenizer=tokenizer, sampling=sampling, every_n_steps=cfg.sample_every_n_steps,
         num_classes=min(cfg.sample_classes, num_classes), out_dir=run_dir / "samples",
     )
     callbacks.append(grid)
-    trainer = L.Trainer(
-        default_root_dir=run_dir, max_steps=tr.max_steps, max_time=tr.max_time, accelerator=tr.accelerator,
-        devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy, precision=resolve_precision(tr.precision),
-        gradient_clip_val=tr.gradient_clip_val, log_every_n_steps=tr.log_every_n_steps,
+    trainer = build_trainer(
+        trainer=OmegaConf.to_container(tr, resolve=True), run_dir=run_dir, batch_size=cfg.batch_size,
+        callbacks=callbacks, logger=OmegaConf.to_container(cfg.logger) if OmegaConf.is_config(cfg.logger) else cfg.logger,
+        name=str(cfg.name),
         val_check_interval=min(tr.val_check_interval, max(1, datamodule.train_batches())) if has_val else None,
         limit_val_batches=tr.limit_val_batches if has_val else 0, check_val_every_n_epoch=None if has_val else 1,
-        callbacks=callbacks, logger=CSVLogger(run_dir, name="logs"), enable_model_summary=False,
     )
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    if trainer.interrupted:  # Lightning catches Ctrl-C and returns; the checkpoints so far are complete
+        raise KeyboardInterrupt
 
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "cache_dir": str(cache_dir)}
     if trainer.is_global_zero:
@@ -184,15 +204,17 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path="../conf/generator", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         result = train(cfg)
     if "checkpoint" in result:
         print(f"trained {result['global_step']} steps; checkpoint: {result['checkpoint']}")
         if "samples" in result:
             print(f"samples: {result['samples']}")
-        print(f"sample from it: python -m sampling.generate checkpoint={result['checkpoint']} class=0 n=16")
+        print(f"sample from it: python -m sampling.generate generator.checkpoint={result['checkpoint']} class=0 n=16")
+
+
+main = hydra_entry(config="generator/train", description=__doc__, renamed={"model.sampling": "sampling", "model.seq_len": "model.num_tokens"})(_main)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class StaticSampler:
     def __init__(self, generator: torch.nn.Module, *, sampling: dict, compile: str = "none"):
         self.generator = generator
         self.guidance_decay = sampling["guidance_decay"]
-        self.steps = plan_steps(seq_len=generator.seq_len, **sampling)
+        self.steps = plan_steps(seq_len=generator.num_tokens, **sampling)
         self.device = next(generator.parameters()).device
         self.compile = compile
         # Per-step constants as device tensors: one graph per step kind instead of one per step.
@@ -69,7 +69,7 @@ class StaticSampler:
     def __call__(self, labels: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         gen = self.generator
         labels = labels.long()
-        b, n, k = labels.shape[0], gen.seq_len, gen.codebook_size
+        b, n, k = labels.shape[0], gen.num_tokens, gen.codebook_size
         tokens = torch.full((b, n), gen.mask_id, dtype=torch.long, device=labels.device)
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()

@@ -1,34 +1,39 @@
 """Sample class-conditional images: generator -> tokens -> tokenizer -> PNGs.
 
     python -m sampling.generate class=207 n=16
-    python -m sampling.generate class=[1,2,3] n=12 guidance_scale=3.0 checkpoint=runs/generator/demo/generator.safetensors
+    python -m sampling.generate class=star n=8 sampling.guidance_scale=3.0
+    python -m sampling.generate class=[1,2,3] n=12 generator.checkpoint=runs/generator/demo/generator.safetensors
 Writes one PNG per sample and a grid, and prints their paths.
 """
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from sampling.pipeline import load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples
+from sampling.pipeline import (
+    RENAMED_MODEL_KEYS, load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples,
+)
+from sampling.classes import class_names
+from titok_core.cli import hydra_entry
 from titok_core.runtime import exit_on_user_error, pick_device
 
 
 def generate(
-    *, classes, n: int, seed: int = 0, generator=None, checkpoint=None, tokenizer=None, tokenizer_checkpoint=None,
+    *, classes, n: int, seed: int = 0, generator: dict | None = None, tokenizer: dict | None = None,
     out_dir: str = "outputs/samples", batch_size: int = 32, device: str = "auto", dtype: str = "auto",
     sampling: dict | None = None,
 ) -> dict:
-    """Sample n images; returns {"images": [paths], "grid": path, "labels": [...], "sampling": {...}}."""
+    """Sample n images; returns {"images": [paths], "grid": path, "labels": [...], "sampling": {...}}.
+
+    generator, tokenizer, sampling: the config groups (see :func:`sampling.pipeline.load_pipeline`)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     dev = pick_device(device)
-    pipe = load_pipeline(
-        generator=generator, checkpoint=checkpoint, tokenizer=tokenizer, tokenizer_checkpoint=tokenizer_checkpoint,
-        sampling=sampling,
-    ).to(dev)
-    labels = parse_classes(classes, n=n, num_classes=pipe.generator.num_classes, rng=torch.Generator().manual_seed(seed))
+    pipe = load_pipeline(generator=generator, tokenizer=tokenizer, sampling=sampling).to(dev)
+    names = class_names(pipe.generator.num_classes, pipe.classes)
+    labels = parse_classes(classes, n=n, num_classes=pipe.generator.num_classes, names=names,
+                           rng=torch.Generator().manual_seed(seed))
     with tqdm(desc="sampling", unit="step", disable=None) as bar:
         def on_step(done: int, total: int) -> None:
             bar.total = total
@@ -50,13 +55,17 @@ def generate_kwargs(cfg: DictConfig) -> dict:
     )
 
 
-@hydra.main(config_path="../conf/sampling", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         result = generate(**generate_kwargs(cfg))
     for path in result["images"]:
         print(path)
     print(f"grid: {result['grid']}")
+
+
+main = hydra_entry(config="sampling/generate", description=__doc__, renamed=RENAMED_MODEL_KEYS,
+                   scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"},
+                   on_interrupt="interrupted: the PNGs written so far are complete")(_main)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from generator.sampler import sample_tokens
-from tokenizer import CheckpointError, load_tokenizer, require_vq
+from generator.sampler import SAMPLING_KEYS, sample_tokens, sampling_overrides
+from tokenizer import CheckpointError, load_tokenizer, require_discrete
 from titok_core.checkpoints import read_model_extra
 from titok_core.images import save_png
 from titok_core.runtime import autocast
 
 log = logging.getLogger(__name__)
+# The old spellings of sampling.generate, sampling.serve and eval.gfid, refused with the new name.
+RENAMED_MODEL_KEYS = {
+    "checkpoint": "generator.checkpoint", "tokenizer_checkpoint": "tokenizer.checkpoint",
+    **{k: f"sampling.{k}" for k in SAMPLING_KEYS},
+}
 DEMO_CHECKPOINT = Path("runs/generator/demo/generator.safetensors")
-SAMPLING_KEYS = (
-    "num_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow", "randomize_temperature",
-    "softmax_temperature_annealing",
-)
-MODEL_KEYS = ("generator", "checkpoint", "tokenizer", "tokenizer_checkpoint")
 
 
 @dataclass
@@ -45,17 +45,20 @@ class Pipeline:
 
 
 def load_pipeline(
-    *, generator: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None, tokenizer_checkpoint: str | os.PathLike | None = None,
-    sampling: dict | None = None,
+    *, generator: Mapping | None = None, tokenizer: Mapping | None = None, sampling: Mapping | None = None,
+    random_weights: bool = False,
 ) -> Pipeline:
     """Load a generator and the tokenizer it was trained on; sampling settings from preset/checkpoint,
     overridden by the non-None entries of ``sampling``.
 
-    Nothing given: the latest demo run of ``python -m generator.train`` in this directory
-    (``runs/generator/demo``), else the shipped demo generator. ``checkpoint`` may also name a
-    shipped generator (``maskgit_demo``).
+    generator, tokenizer: the entry points' groups ``{"spec": ..., "checkpoint": ...}`` (either may
+    be None). Nothing given: the latest demo run of ``python -m generator.train`` in this directory
+    (``runs/generator/demo``), else the shipped demo generator. ``generator.checkpoint`` may also
+    name a shipped generator (``maskgit_demo``). A released preset without weights is refused
+    unless ``random_weights`` (benchmarks) asks for untrained models.
     """
+    generator, checkpoint = (generator or {}).get("spec"), (generator or {}).get("checkpoint")
+    tokenizer, tokenizer_checkpoint = (tokenizer or {}).get("spec"), (tokenizer or {}).get("checkpoint")
     from generator import load_generator
     from generator.assets import shipped_path
     from generator.presets import PRESETS as GENERATOR_PRESETS
@@ -68,11 +71,11 @@ def load_pipeline(
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise CheckpointError(f"generator checkpoint not found: {checkpoint}")
     spec = generator if generator is not None else checkpoint
-    gen = load_generator(spec, checkpoint if generator is not None else None)
+    gen = load_generator(spec, checkpoint if generator is not None else None, random_weights=random_weights)
     extra = read_model_extra(checkpoint) if checkpoint is not None else {}
     settings = dict(getattr(gen, "sampling", None) or {})
     settings.update(extra.get("sampling", {}))
-    settings.update({k: v for k, v in (sampling or {}).items() if v is not None})
+    settings.update(sampling_overrides(sampling or {}))
     missing = [k for k in SAMPLING_KEYS if k not in settings and k != "guidance_scale_pow"]
     if missing:
         raise CheckpointError(f"no sampling settings for {', '.join(missing)}: pass them on the command line")
@@ -85,23 +88,27 @@ def load_pipeline(
         tok_spec = GENERATOR_PRESETS[generator]["tokenizer"]
     tok_ckpt = tokenizer_checkpoint if tokenizer_checkpoint is not None else trained_on.get("checkpoint")
     if tok_spec is None:
-        raise CheckpointError("which tokenizer decodes this generator's tokens? pass tokenizer=... (and tokenizer_checkpoint=...)")
-    tok = load_tokenizer(tok_spec, tok_ckpt)
-    require_vq(tok, "MaskGIT generation")
-    if tok.source.startswith("preset:"):
-        log.warning("tokenizer %s has no weights (pass tokenizer_checkpoint=...): images will be noise", tok_spec)
-    if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.seq_len:
+        raise CheckpointError("which tokenizer decodes this generator's tokens? pass tokenizer.spec=... (and tokenizer.checkpoint=...)")
+    tok = load_tokenizer(tok_spec, tok_ckpt, random_weights=random_weights)
+    require_discrete(tok, "MaskGIT generation")
+    if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.num_tokens:
         raise CheckpointError(
             f"tokenizer {tok_spec} ({tok.num_tokens} tokens, {tok.codebook_size} codes) does not match the generator "
-            f"({gen.seq_len} tokens, {gen.codebook_size} codes)"
+            f"({gen.num_tokens} tokens, {gen.codebook_size} codes)"
         )
     return Pipeline(gen.eval(), tok.eval(), settings, list(extra.get("classes", [])), str(spec), extra)
 
 
 def pipeline_kwargs(cfg: Mapping) -> dict:
-    """The :func:`load_pipeline` arguments of an entry point's config (the ``MODEL_KEYS`` and,
-    under ``sampling``, the ``SAMPLING_KEYS``; null means the checkpoint's or preset's value)."""
-    return {**{k: cfg[k] for k in MODEL_KEYS}, "sampling": {k: cfg[k] for k in SAMPLING_KEYS}}
+    """The :func:`load_pipeline` arguments of an entry point's config: its ``generator``,
+    ``tokenizer`` and ``sampling`` groups, whole (null means the checkpoint's or preset's value)."""
+    return {k: _plain(cfg[k]) for k in ("generator", "tokenizer", "sampling")}
+
+
+def _plain(group) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(group, resolve=True) if isinstance(group, DictConfig) else dict(group or {})
 
 
 def sample_images(
@@ -148,21 +155,33 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | os.P
     return paths, grid
 
 
-def parse_classes(value, *, n: int, num_classes: int, rng: torch.Generator) -> torch.Tensor:
+def parse_classes(
+    value, *, n: int, num_classes: int, rng: torch.Generator, names: Sequence[str] | None = None,
+) -> torch.Tensor:
     """``class`` from the command line -> int64 [n] labels.
 
-    One id (all n samples of it), a list (cycled to n), or "random" (uniform).
+    One class (all n samples of it), a list (cycled to n), or "random" (uniform). A class is an
+    id or, given ``names`` (see :func:`sampling.classes.class_names`), a name or a unique part of
+    one ("star", "golden retriever"); an ambiguous part lists what it matches.
     """
+    from sampling.classes import find_class
+
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if isinstance(value, str) and value == "random":
         return torch.randint(0, num_classes, (n,), generator=rng)
-    ids = list(value) if isinstance(value, (list, tuple)) else [value]
-    try:
-        ids = [int(i) for i in ids]
-    except (TypeError, ValueError):
-        raise ValueError(f"class must be an id, a list of ids or 'random', got {value!r}") from None
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad or not ids:
-        raise ValueError(f"class {bad[0] if bad else value} is out of range: this generator has classes 0..{num_classes - 1}")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError("class is an empty list: give an id, a name, a list of them or 'random'")
+    ids = []
+    for item in items:
+        if isinstance(item, int) or (isinstance(item, str) and item.strip().lstrip("-").isdigit()):
+            label = int(item)
+            if not 0 <= label < num_classes:
+                raise ValueError(f"class {label} is out of range: this generator has classes 0..{num_classes - 1}")
+            ids.append(label)
+        elif names:
+            ids.append(find_class(item, names))
+        else:
+            raise ValueError(f"class must be an id, a name, a list of them or 'random', got {item!r}")
     return torch.tensor(ids, dtype=torch.long).repeat((n + len(ids) - 1) // len(ids))[:n]

@@ -1,8 +1,8 @@
 """A local web page for sampling: pick a class by name, set the knobs, press Generate, see the grid.
 
     python -m sampling.serve                        # the latest demo run, on http://127.0.0.1:7860
-    python -m sampling.serve generator=maskgit_l32 checkpoint=generator_titok_l32.bin \\
-        tokenizer_checkpoint=tokenizer_titok_l32.bin port=8080
+    python -m sampling.serve generator.spec=maskgit_l32 generator.checkpoint=generator_titok_l32.bin \\
+        tokenizer.checkpoint=tokenizer_titok_l32.bin port=8080
 
 Takes the model arguments of ``sampling.generate`` (conf/sampling/serve.yaml). The page sets n,
 guidance scale and schedule, temperature, steps and seed; it shows the grid, offers the PNGs as
@@ -29,14 +29,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from generator.official import GUIDANCE_DECAYS
+from generator.sampler import SAMPLING_KEYS
+from sampling.pipeline import RENAMED_MODEL_KEYS
+from titok_core.cli import hydra_entry
 from sampling.classes import class_choice, class_names, find_class
 from sampling.pipeline import (
-    MODEL_KEYS, SAMPLING_KEYS, Pipeline, load_pipeline, pipeline_kwargs, sample_images, save_samples,
+    Pipeline, load_pipeline, pipeline_kwargs, sample_images, save_samples,
 )
 from titok_core.runtime import exit_on_user_error, pick_device, resolve_dtype
 
@@ -121,7 +123,9 @@ class SamplingService:
         batch_size: int = 32, max_n: int = 64, max_steps: int = 128,
     ):
         self.pipe, self.device, self.dtype = pipe, device, dtype
-        self.model_args = {k: model_args.get(k) for k in MODEL_KEYS}
+        # as sampling.generate spells them: generator.spec=..., tokenizer.checkpoint=...
+        self.model_args = {f"{group}.{k}": v for group in ("generator", "tokenizer")
+                           for k, v in (model_args.get(group) or {}).items()}
         self.batch_size, self.max_n, self.max_steps = batch_size, max_n, max_steps
         self.out_dir = Path(out_dir)
         self.names = class_names(pipe.generator.num_classes, pipe.classes)
@@ -166,7 +170,7 @@ class SamplingService:
             "class": label, "n": n, "seed": seed, **self.model_args, "batch_size": self.batch_size,
             "device": None if self.device == "auto" else self.device,
             "dtype": None if self.dtype == "auto" else self.dtype,
-            **{k: settings[k] for k in SAMPLING_KEYS if k in settings},
+            **{f"sampling.{k}": settings[k] for k in SAMPLING_KEYS if k in settings},
         })
         size = images.shape[-1]
         summary = (
@@ -217,7 +221,7 @@ def build_page(service: SamplingService, *, initial: Mapping | None = None):
     first_class = find_class(initial.get("class", 0), service.names)
     gen = service.pipe.generator
     description = (
-        f"Generator `{service.pipe.source}`: {gen.num_classes} classes, {gen.seq_len} tokens of "
+        f"Generator `{service.pipe.source}`: {gen.num_classes} classes, {gen.num_tokens} tokens of "
         f"{gen.codebook_size} codes; {service.pipe.tokenizer.image_size}x{service.pipe.tokenizer.image_size} images, "
         f"sampled on {next(gen.parameters()).device.type}."
     )
@@ -287,8 +291,7 @@ def page_style() -> dict:
     return {"theme": theme, "css": PAGE_CSS}
 
 
-@hydra.main(config_path="../conf/sampling", config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     with exit_on_user_error(OSError, ImportError), tempfile.TemporaryDirectory(prefix="titok-serve-") as out_dir:
         if importlib.util.find_spec("gradio") is None:  # say so before minutes of model loading
             raise ImportError("the page needs gradio: pip install 'titok-gen[serve]'")
@@ -301,7 +304,7 @@ def main(cfg: DictConfig) -> None:
             pipe, model_args=kwargs, out_dir=out_dir, device=cfg.device, dtype=cfg.dtype,
             batch_size=cfg.batch_size, max_n=cfg.max_n, max_steps=cfg.max_steps,
         )
-        page = build_page(service, initial={k: cfg[k] for k in ("class", "n", "seed", *SAMPLING_KEYS)})
+        page = build_page(service, initial={**{k: cfg[k] for k in ("class", "n", "seed")}, **cfg.sampling})
         try:
             _, url, _ = page.launch(
                 server_name=cfg.host, server_port=cfg.port, prevent_thread_lock=True, quiet=True, show_error=True,
@@ -320,6 +323,10 @@ def main(cfg: DictConfig) -> None:
             page.block_thread()
         finally:
             page.close()
+
+
+main = hydra_entry(config="sampling/serve", description=__doc__, renamed=RENAMED_MODEL_KEYS,
+                   scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"}, on_interrupt="stopped")(_main)
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ def write_pngs(folder: Path, n: int, *, size: int = 64, seed: int = 0) -> list[P
 @pytest.fixture(scope="module")
 def tiny(official_tiny) -> dict[str, Path]:
     return {
-        "generator": official_tiny / "generator_imagebert" / "config.yaml",
-        "checkpoint": official_tiny / "generator_imagebert" / "generator.bin",
-        "tokenizer": official_tiny / "tokenizer" / "config.yaml",
-        "tokenizer_checkpoint": official_tiny / "tokenizer" / "tokenizer.bin",
+        "generator.spec": official_tiny / "generator_imagebert" / "config.yaml",
+        "generator.checkpoint": official_tiny / "generator_imagebert" / "generator.bin",
+        "tokenizer.spec": official_tiny / "tokenizer" / "config.yaml",
+        "tokenizer.checkpoint": official_tiny / "tokenizer" / "tokenizer.bin",
     }
 
 
@@ -84,7 +84,7 @@ def _tiny_generator_file(path: Path, *, codebook_size: int, tokenizer: dict | No
 
     model = build_generator({
         "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
-        "codebook_size": codebook_size, "seq_len": 8, "num_classes": 10,
+        "codebook_size": codebook_size, "num_tokens": 8, "num_classes": 10,
     })
     sampling = {
         "num_steps": 4, "guidance_scale": 2.0, "guidance_decay": "constant", "guidance_scale_pow": 3.0,
@@ -101,7 +101,7 @@ def _tiny_generator_file(path: Path, *, codebook_size: int, tokenizer: dict | No
 def test_generate_one_class_reproducible(tiny, tmp_path):
     """class=3 n=4: four 64x64 PNGs and a grid, paths printed; the seed fixes every byte."""
     # The fixture config decodes with randomize_temperature 0 (deterministic); turn the noise on.
-    args = [*tiny_args(tiny), "class=3", "n=4", "randomize_temperature=3.0"]
+    args = [*tiny_args(tiny), "class=3", "n=4", "sampling.randomize_temperature=3.0"]
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = tmp_path / name
@@ -144,14 +144,14 @@ def test_generate_class_list_and_random(tiny, tmp_path):
     [
         (["class=10", "n=2"], ["class 10 is out of range", "0..9"]),
         (["class=3", "n=0"], ["n must be positive"]),
-        (["class=3", "n=2", "checkpoint=missing/generator.bin"], ["not found", "missing/generator.bin"]),
+        (["class=3", "n=2", "generator.checkpoint=missing/generator.bin"], ["not found", "missing/generator.bin"]),
     ],
     ids=["class-out-of-range", "n-zero", "missing-checkpoint"],
 )
 def test_generate_errors(tiny, tmp_path, overrides, fragments):
     args = tiny_args(tiny)
-    if any(o.startswith("checkpoint=") for o in overrides):
-        args = [a for a in args if not a.startswith("checkpoint=")]
+    if any(o.startswith("generator.checkpoint=") for o in overrides):
+        args = [a for a in args if not a.startswith("generator.checkpoint=")]
     proc = run_cli("sampling.generate", *args, *overrides, f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert_one_line_error(proc, *fragments)
     assert not list((tmp_path / "out").glob("*.png"))
@@ -160,8 +160,8 @@ def test_generate_errors(tiny, tmp_path, overrides, fragments):
 def test_generate_mismatched_tokenizer(tiny, tmp_path):
     checkpoint = _tiny_generator_file(tmp_path / "gen32.safetensors", codebook_size=32)
     proc = run_cli(
-        "sampling.generate", f"checkpoint={checkpoint}", f"tokenizer={tiny['tokenizer']}",
-        f"tokenizer_checkpoint={tiny['tokenizer_checkpoint']}", "class=1", "n=2", f"out_dir={tmp_path / 'out'}",
+        "sampling.generate", f"generator.checkpoint={checkpoint}", f"tokenizer.spec={tiny['tokenizer.spec']}",
+        f"tokenizer.checkpoint={tiny['tokenizer.checkpoint']}", "class=1", "n=2", f"out_dir={tmp_path / 'out'}",
         cwd=tmp_path,
     )
     assert_one_line_error(proc, "does not match the generator", "64 codes", "32 codes")
@@ -177,7 +177,7 @@ def test_generate_demo_run_default(tiny, tmp_path):
     # A demo checkpoint records its tokenizer, so it needs nothing else.
     _tiny_generator_file(
         tmp_path / "runs/generator/demo/generator.safetensors", codebook_size=64,
-        tokenizer={"spec": str(tiny["tokenizer"]), "checkpoint": str(tiny["tokenizer_checkpoint"])},
+        tokenizer={"spec": str(tiny["tokenizer.spec"]), "checkpoint": str(tiny["tokenizer.checkpoint"])},
     )
     proc = run_cli("sampling.generate", "n=2", "class=4", f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -204,14 +204,14 @@ def test_gfid_inception_and_resume(tiny, tmp_path, inception_weights, reference_
     state = tmp_path / "state"
     args = [
         "mode=inception", *tiny_args(tiny), f"reference={reference_npz}", f"inception_weights={inception_weights}",
-        "num_samples=20", "batch_size=10", f"state_dir={state}", "accelerator=cpu", "dtype=fp32",
+        "num_samples=20", "batch_size=10", f"state_dir={state}", "trainer.accelerator=cpu", "dtype=fp32",
     ]
     proc = run_cli("eval.gfid", *args, f"out={tmp_path / 'result.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json_line(proc)
     assert result["metric"] == "gFID" and result["num_samples"] == 20 and result["seed"] == 0
     assert np.isfinite(result["fid"]) and result["fid"] > 0 and result["is_mean"] >= 1.0
-    assert result["model"] == str(tiny["generator"]) and result["sampling"]["num_steps"] == 8
+    assert result["model"] == str(tiny["generator.spec"]) and result["sampling"]["num_steps"] == 8
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert len(list(state.glob("gfid-*-rank0.pt"))) == 1
 
@@ -239,9 +239,9 @@ def test_gfid_missing_reference_and_weights(tiny, tmp_path, inception_weights, r
 def test_gfid_rfid(tiny, tmp_path, inception_weights):
     write_pngs(tmp_path / "val", 6)
     proc = run_cli(
-        "eval.gfid", "mode=rfid", f"tokenizer={tiny['tokenizer']}", f"tokenizer_checkpoint={tiny['tokenizer_checkpoint']}",
-        f"data_root={tmp_path / 'val'}", "num_samples=6", "batch_size=3", f"inception_weights={inception_weights}",
-        f"state_dir={tmp_path / 'state'}", f"out={tmp_path / 'rfid.json'}", "accelerator=cpu", "dtype=fp32", cwd=tmp_path,
+        "eval.gfid", "mode=rfid", f"tokenizer.spec={tiny['tokenizer.spec']}", f"tokenizer.checkpoint={tiny['tokenizer.checkpoint']}",
+        f"data.root={tmp_path / 'val'}", "num_samples=6", "batch_size=3", f"inception_weights={inception_weights}",
+        f"state_dir={tmp_path / 'state'}", f"out={tmp_path / 'rfid.json'}", "trainer.accelerator=cpu", "dtype=fp32", cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     result = json_line(proc)
@@ -260,8 +260,8 @@ def test_reconstruct_skips_unreadable(tiny, tmp_path):
     (inputs / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "recon"
     proc = run_cli(
-        "tokenizer.reconstruct", f"inputs={inputs}", f"tokenizer={tiny['tokenizer']}",
-        f"checkpoint={tiny['tokenizer_checkpoint']}", f"out_dir={out}", cwd=tmp_path,
+        "tokenizer.reconstruct", f"inputs={inputs}", f"tokenizer.spec={tiny['tokenizer.spec']}",
+        f"tokenizer.checkpoint={tiny['tokenizer.checkpoint']}", f"out_dir={out}", cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     written = sorted(out.glob("*_recon.png"))

@@ -40,18 +40,15 @@ def test_shipped_demo_tokenizer_psnr():
 def test_shipped_demo_generator_models_the_shipped_tokenizers_tokens():
     """The two shipped files are a pair: maskgit_demo was trained on titok_demo's tokens (retrain
     it whenever the tokenizer changes), and it carries the demo experiment's sampling settings."""
-    from hydra import compose, initialize_config_dir
-
+    from conftest import compose_config
     from generator import load_generator
     from generator.assets import shipped_path as shipped_generator
     from titok_core.checkpoints import read_model_extra
 
     gen = load_generator("maskgit_demo")
     assert read_model_extra(shipped_generator("maskgit_demo"))["tokenizer"]["spec"] == "titok_demo"
-    conf = Path(__file__).resolve().parents[1] / "conf" / "generator"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=demo"])
-    assert gen.sampling == dict(cfg.model.sampling)
+    cfg = compose_config("generator.train", ["experiment=demo"])
+    assert gen.sampling == dict(cfg.sampling)
     tok = load_tokenizer("titok_demo")
     x, labels = _val_images(10)
     with torch.no_grad():

@@ -19,7 +19,7 @@ SAMPLING = dict(
 def _gen(arch="imagebert", depth=3):
     torch.manual_seed(0)
     return build_generator(dict(
-        arch=arch, hidden_size=32, depth=depth, num_heads=2, mlp_dim=64, codebook_size=16, seq_len=10, num_classes=5,
+        arch=arch, hidden_size=32, depth=depth, num_heads=2, mlp_dim=64, codebook_size=16, num_tokens=10, num_classes=5,
     )).eval()
 
 
@@ -107,7 +107,7 @@ def test_pipelined_runs_every_stage_in_order():
 
 
 def test_benchmark_json_on_the_tiny_pipeline(official_tiny, capsys):
-    from sampling import benchmark
+    from titok_bench import sampling as benchmark
 
     fx = official_tiny
     result = benchmark.main([

@@ -5,35 +5,33 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from conftest import compose_config
 from generator import load_generator
 from generator.train import train
 from titok_core.checkpoints import read_model_extra
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "generator"
 
 
 def _overrides(fx, tmp_path, steps):
     tok = fx / "tokenizer"
     return [
-        "experiment=demo", f"run_dir={tmp_path}/run", f"data.root={tmp_path}/demo",
+        "experiment=demo", f"run_dir={tmp_path}/run", f"data.root={tmp_path}/demo", "data.builtin=demo",
         "data.demo_train_per_class=12", "data.demo_val_per_class=2", f"tokenizer.spec={tok}/config.yaml",
         f"tokenizer.checkpoint={tok}/tokenizer.bin", f"cache.dir={tmp_path}/cache", "cache.batch_size=32",
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=16",
         f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.val_check_interval=4",
-        "checkpoint_every_n_steps=2", "sample_every_n_steps=4", "model.sampling.num_steps=4",
+        "checkpoint_every_n_steps=2", "sample_every_n_steps=4", "sampling.num_steps=4",
     ]
 
 
 def test_demo_training_end_to_end_and_resume(official_tiny, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=_overrides(official_tiny, tmp_path, 6))
+    cfg = compose_config("generator.train", _overrides(official_tiny, tmp_path, 6))
     result = train(cfg)
     assert result["global_step"] == 6
     ckpt = Path(result["checkpoint"])
     gen = load_generator(ckpt)
-    assert (gen.seq_len, gen.codebook_size, gen.num_classes) == (8, 64, 10)
+    assert (gen.num_tokens, gen.codebook_size, gen.num_classes) == (8, 64, 10)
     extra = read_model_extra(ckpt)
     assert extra["sampling"]["num_steps"] == 4 and extra["tokenizer"]["spec"].endswith("config.yaml")
     assert len(extra["classes"]) == 10 and extra["global_step"] == 6
@@ -42,8 +40,7 @@ def test_demo_training_end_to_end_and_resume(official_tiny, tmp_path):
     assert "train/loss" in result["metrics"]
 
     # A rerun with a larger budget resumes from last.ckpt instead of starting over.
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=_overrides(official_tiny, tmp_path, 9))
+    cfg = compose_config("generator.train", _overrides(official_tiny, tmp_path, 9))
     assert train(cfg)["global_step"] == 9
 
 

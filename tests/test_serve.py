@@ -51,13 +51,13 @@ def make_tiny_models(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer({
         "image_size": SIZE, "patch_size": 8, "enc_width": 32, "enc_depth": 1, "enc_heads": 2, "dec_width": 32,
-        "dec_depth": 1, "dec_heads": 2, "num_latent_tokens": 8, "codebook_size": 16, "token_size": 4,
+        "dec_depth": 1, "dec_heads": 2, "num_tokens": 8, "codebook_size": 16, "token_size": 4,
         "legacy_layout": False, "decoder_output": "rgb",
     })
-    save_model_file(folder / "tokenizer.safetensors", kind="tokenizer", config=tok.config, state_dict=tok.state_dict())
+    save_model_file(folder / "tokenizer.safetensors", kind="tokenizer", config=tok.config.to_dict(), state_dict=tok.state_dict())
     gen = build_generator({
         "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "codebook_size": 16,
-        "seq_len": 8, "num_classes": len(CLASS_NAMES),
+        "num_tokens": 8, "num_classes": len(CLASS_NAMES),
     })
     extra = {"sampling": SAMPLING, "classes": CLASS_NAMES, "tokenizer": {"spec": str(folder / "tokenizer.safetensors")}}
     path = folder / "generator.safetensors"
@@ -121,8 +121,9 @@ def service(tiny_generator, tmp_path):
     odd = tmp_path / "my models" / "gen's.safetensors"
     odd.parent.mkdir()
     shutil.copy(tiny_generator, odd)
-    pipe = load_pipeline(checkpoint=odd)
-    return SamplingService(pipe, model_args={"checkpoint": str(odd)}, out_dir=tmp_path / "out", batch_size=2, max_n=8)
+    pipe = load_pipeline(generator={"checkpoint": odd})
+    return SamplingService(pipe, model_args={"generator": {"checkpoint": str(odd)}}, out_dir=tmp_path / "out",
+                           batch_size=2, max_n=8)
 
 
 GOOD = dict(class_query="3: 03_yellow_star", n=3, guidance_scale=1.5, guidance_decay="linear", temperature=2.0,
@@ -165,7 +166,7 @@ def test_handler_rejects_bad_input(service, bad, message):
 def test_handler_samples_and_echoes_the_generate_command(service, tmp_path):
     """The page's files: n PNGs + grid (zip), progress per sampler step; the echoed command line
     makes sampling.generate write byte-identical PNGs."""
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_config
 
     from sampling.generate import generate, generate_kwargs
     from sampling.serve import handle_request
@@ -176,9 +177,10 @@ def test_handler_samples_and_echoes_the_generate_command(service, tmp_path):
     )
     odd = str(tmp_path / "my models" / "gen's.safetensors").replace("'", "\\'")  # Hydra's escape in quotes
     assert shlex.split(command) == [
-        "python", "-m", "sampling.generate", "class=3", "n=3", "seed=5", f"checkpoint='{odd}'", "batch_size=2",
-        "num_steps=3", "guidance_scale=1.5", "guidance_decay=linear", "guidance_scale_pow=3.0",
-        "randomize_temperature=2.0", "softmax_temperature_annealing=true",
+        "python", "-m", "sampling.generate", "class=3", "n=3", "seed=5", f"generator.checkpoint='{odd}'",
+        "batch_size=2", "sampling.num_steps=3", "sampling.guidance_scale=1.5", "sampling.guidance_decay=linear",
+        "sampling.guidance_scale_pow=3.0", "sampling.randomize_temperature=2.0",
+        "sampling.softmax_temperature_annealing=true",
     ]
     assert summary.startswith("3 samples of class 3 (03_yellow_star), 32x32, seed 5: 3 steps, guidance 1.5 linear, "
                               "temperature 2; ")
@@ -192,8 +194,7 @@ def test_handler_samples_and_echoes_the_generate_command(service, tmp_path):
     assert Path(grid).read_bytes() == pngs["grid.png"]
     assert len({pngs[name] for name in names}) == 3  # temperature 2: samples of one class differ
 
-    with initialize_config_dir(config_dir=str(REPO / "conf" / "sampling"), version_base="1.3"):
-        cfg = compose("generate", overrides=[*shlex.split(command)[3:], f"out_dir={tmp_path / 'cli'}"])
+    cfg = compose_config("sampling.generate", [*shlex.split(command)[3:], f"out_dir={tmp_path / 'cli'}"])
     result = generate(**generate_kwargs(cfg))
     assert [Path(p).name for p in result["images"]] == names
     assert {Path(p).name: Path(p).read_bytes() for p in [*result["images"], result["grid"]]} == pngs
@@ -226,7 +227,7 @@ def page_url(tiny_generator, tmp_path_factory):
     }
     log = open(cwd / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sampling.serve", f"checkpoint={tiny_generator}", f"port={port}", "max_n=8"],
+        [sys.executable, "-m", "sampling.serve", f"generator.checkpoint={tiny_generator}", f"port={port}", "max_n=8"],
         cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -278,9 +279,10 @@ def test_page_in_browser(page_url, tiny_generator, tmp_path):
             summary = page.locator("#summary")
             expect(summary).to_contain_text("6 samples of class 3 (03_yellow_star), 32x32, seed 7", timeout=60_000)
             assert page.locator("#command textarea").input_value() == (
-                f"python -m sampling.generate class=3 n=6 seed=7 checkpoint={tiny_generator} batch_size=32 "
-                "num_steps=4 guidance_scale=2.0 guidance_decay=constant guidance_scale_pow=3.0 "
-                "randomize_temperature=1.0 softmax_temperature_annealing=true"
+                f"python -m sampling.generate class=3 n=6 seed=7 generator.checkpoint={tiny_generator} batch_size=32 "
+                "sampling.num_steps=4 sampling.guidance_scale=2.0 sampling.guidance_decay=constant "
+                "sampling.guidance_scale_pow=3.0 sampling.randomize_temperature=1.0 "
+                "sampling.softmax_temperature_annealing=true"
             )
 
             grid_src = page.locator("#grid img").get_attribute("src")
@@ -309,5 +311,5 @@ def test_page_in_browser(page_url, tiny_generator, tmp_path):
 
 
 def test_serve_without_generator_is_one_line(tmp_path):
-    proc = run_cli("sampling.serve", f"checkpoint={tmp_path / 'none.safetensors'}", cwd=tmp_path)
+    proc = run_cli("sampling.serve", f"generator.checkpoint={tmp_path / 'none.safetensors'}", cwd=tmp_path)
     assert_one_line_error(proc, "generator checkpoint not found", "none.safetensors")

@@ -5,20 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tokenizer import load_tokenizer
+from conftest import compose_config
+from tokenizer import TiTokConfig, load_tokenizer
 from tokenizer.model import PixelDecoder
 from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
 from tokenizer.train import train, usage_figure
 from tokenizer.lightning_module import LPIPS, CodeUsage, codebook_perplexity, codebook_usage, token_counts
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf" / "tokenizer")
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
-    "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_latent_tokens": 4, "codebook_size": 16,
+    "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,
     "token_size": 4, "use_l2_norm": True, "legacy_layout": False, "decoder_output": "rgb",
 }
 
@@ -39,14 +38,13 @@ def _image_folder(root: Path, size: int, per_class: int = 4) -> Path:
 
 
 def _cfg(tmp_path: Path, *overrides: str, model: dict | None = None):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
+    cfg = compose_config("tokenizer.train", [
             "name=tiny", f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}", "data.builtin=null",
             "data.val_images=4", "batch_size=4", "num_workers=0", "optim.lr=3e-3", "optim.warmup_steps=5",
             "optim.ema_decay=0.9", "codebook.revive_every_n_steps=5", "checkpoint_every_n_steps=10",
             "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
             "trainer.val_check_interval=10", *overrides,
-        ])
+    ])
     OmegaConf.set_struct(cfg, False)
     cfg.model = model or TINY
     return cfg
@@ -70,14 +68,14 @@ def test_tiny_run_trains_exports_and_resumes(tmp_path):
         assert Path(result[key]).is_file()
 
     tok = load_tokenizer(result["checkpoint"])
-    assert tok.config == TINY
+    assert tok.config == TiTokConfig(**TINY)
     images = torch.rand(2, 3, 16, 16)
     tokens = tok.encode(images)
     assert tokens.shape == (2, 4) and tokens.dtype == torch.int64 and int(tokens.max()) < 16
     assert tok.decode(tokens).shape == (2, 3, 16, 16)
 
     # A rerun with a larger budget resumes from last.ckpt and counts on from 30.
-    again = train(_cfg(tmp_path, "trainer.max_steps=40"))
+    again = train(_cfg(tmp_path, "trainer.max_steps=40", "codebook.quantizer_warmup_steps=5"))
     assert again["resumed_from_step"] == 30 and again["global_step"] == 40
     steps = [int(s) for s in _column(tmp_path / "run" / "logs" / "version_1" / "metrics.csv", "step")]
     assert min(steps) >= 30
@@ -210,10 +208,9 @@ def test_decoder_finetuning_keeps_every_token_and_improves_the_decoder(tmp_path)
 
 
 def test_decoder_experiments_are_the_small_recipe_with_a_frozen_encoder():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        demo = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo"]))
-        stage2 = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo_decoder"]))
-        small2 = compose(config_name="train", overrides=["experiment=small_decoder", "data.root=D"])
+    demo = OmegaConf.to_container(compose_config("tokenizer.train", ["experiment=demo"]))
+    stage2 = OmegaConf.to_container(compose_config("tokenizer.train", ["experiment=demo_decoder"]))
+    small2 = compose_config("tokenizer.train", ["experiment=small_decoder", "data.root=D"])
     assert stage2["finetune"] == {"init_from": "titok_demo", "freeze_encoder": True}
     assert small2.finetune.freeze_encoder and small2.finetune.init_from is None  # train() asks for it
     for key in ("data", "model", "loss", "codebook", "batch_size", "trainer"):
@@ -222,9 +219,8 @@ def test_decoder_experiments_are_the_small_recipe_with_a_frozen_encoder():
 
 
 def test_demo_rate_experiment_continues_stage_two_with_the_rate_term():
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        demo = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo"]))
-        stage3 = OmegaConf.to_container(compose(config_name="train", overrides=["experiment=demo_rate"]))
+    demo = OmegaConf.to_container(compose_config("tokenizer.train", ["experiment=demo"]))
+    stage3 = OmegaConf.to_container(compose_config("tokenizer.train", ["experiment=demo_rate"]))
     assert stage3["finetune"] == {"init_from": "runs/tokenizer/demo_decoder/tokenizer.safetensors",
                                   "freeze_encoder": False}  # the whole tokenizer trains: the tokens move
     assert demo["loss"]["rate_weight"] == 0 and stage3["loss"]["rate_weight"] == 1e-3

@@ -61,6 +61,7 @@ def synthetic_jpegs(folder: Path, n: int, *, workers: int, seed: int = 0) -> Pat
 def _subset(data: ImageFolderDataset, n: int) -> ImageFolderDataset:
     sub = copy.copy(data)
     sub.samples, sub._bad = data.samples[:n], data._bad[:n].clone()
+    sub.records = type(data.records)(sub.samples)  # len() and items come from the records
     return sub
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     probe = args.probe == "yes" or (args.probe == "auto" and device.type == "cuda")
     torch.manual_seed(0)
-    tok = load_tokenizer(args.tokenizer, args.tokenizer_checkpoint).to(device).eval()
+    tok = load_tokenizer(args.tokenizer, args.tokenizer_checkpoint, random_weights=True).to(device).eval()  # speed only
 
     tmp = Path(tempfile.mkdtemp(prefix="cache_benchmark_"))
     try:

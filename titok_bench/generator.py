@@ -38,15 +38,15 @@ def model_config(spec: str) -> dict:
     """A generator preset name or any ``load_generator`` spec -> our generator config."""
     if spec in PRESETS:
         return dict(PRESETS[spec]["model"])
-    return dict(load_generator(spec).config)
+    return dict(load_generator(spec, random_weights=True).config)  # the architecture only
 
 
 class RandomCache:
     """A token cache's arrays without the files: tokens uint16 [M,L], labels int32 [M] (TokenDataset's fields)."""
 
-    def __init__(self, size: int, seq_len: int, codebook_size: int, num_classes: int, seed: int = 0):
+    def __init__(self, size: int, num_tokens: int, codebook_size: int, num_classes: int, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.tokens = rng.integers(0, codebook_size, (size, seq_len), dtype=np.uint16)
+        self.tokens = rng.integers(0, codebook_size, (size, num_tokens), dtype=np.uint16)
         self.labels = rng.integers(0, num_classes, size, dtype=np.int32)
 
     def __len__(self) -> int:
@@ -87,7 +87,7 @@ def _module(args, config: dict) -> MaskGITModule:
 
 def run_trainer(args, config: dict, device: torch.device) -> tuple[float, list, MaskGITModule, int]:
     """Steps inside Trainer.fit as generator.train runs them; (s/step, losses, module, train batches/epoch)."""
-    cache = RandomCache(args.cache_size, config["seq_len"], config["codebook_size"], config["num_classes"])
+    cache = RandomCache(args.cache_size, config["num_tokens"], config["codebook_size"], config["num_classes"])
     data = TokenDataModule(cache, batch_size=args.batch_size, num_workers=args.num_workers, val_fraction=0.0,
                            on_device={"device": True, "loader": False}[args.data])
     module = _module(args, config)
@@ -109,13 +109,13 @@ def run_loop(args, config: dict, device: torch.device) -> tuple[float, list, Mas
     # fp16 autocast needs loss scaling, as Lightning's "16-mixed"; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     if args.data == "device":
-        cache = RandomCache(max(args.cache_size, args.batch_size), config["seq_len"], config["codebook_size"],
+        cache = RandomCache(max(args.cache_size, args.batch_size), config["num_tokens"], config["codebook_size"],
                             config["num_classes"])
         loader = DeviceTokenLoader(cache.tokens, cache.labels, torch.arange(len(cache)), batch_size=args.batch_size,
                                    device=device, sampler=EpochOrder(len(cache), seed=0, shuffle=True), drop_last=True)
         batches = iter(loader)
     else:
-        fixed = (torch.randint(0, config["codebook_size"], (args.batch_size, config["seq_len"]), device=device),
+        fixed = (torch.randint(0, config["codebook_size"], (args.batch_size, config["num_tokens"]), device=device),
                  torch.randint(0, config["num_classes"], (args.batch_size,), device=device))
     losses = []
 
@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size, "compile": args.compile,
         "fused_adamw": args.fused, "trainer": args.trainer, "data": args.data,
         "cache_sequences": args.cache_size if args.data != "fixed" else None, "batches_per_epoch": batches_per_epoch,
-        "seq_len": config["seq_len"], "params_m": params_m,
+        "num_tokens": config["num_tokens"], "params_m": params_m,
         "steps": args.steps, "warmup": args.warmup,
         "steps_per_s": round(1 / t_step, 3),
         "samples_per_s": round(args.batch_size / t_step, 2),
-        "tokens_per_s": round(args.batch_size * config["seq_len"] / t_step, 1),
+        "tokens_per_s": round(args.batch_size * config["num_tokens"] / t_step, 1),
         "last_loss": round(float(losses[-1]), 4),
         "peak_memory_mb": round(peak, 1),
         **sizes,

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     probe = args.probe == "yes" or (args.probe == "auto" and device.type == "cuda")
     torch.manual_seed(0)
     pipe = load_pipeline(
-        generator=args.preset, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
-        tokenizer_checkpoint=args.tokenizer_checkpoint,
+        generator={"spec": args.preset, "checkpoint": args.checkpoint},
+        tokenizer={"spec": args.tokenizer, "checkpoint": args.tokenizer_checkpoint},
+        random_weights=True,  # speed: the figures do not depend on the weights
     ).to(device)
     gen, tok = pipe.generator, pipe.tokenizer
     num_classes = gen.num_classes

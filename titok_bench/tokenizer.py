@@ -28,14 +28,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    tok = load_tokenizer(args.preset).to(device)
+    tok = load_tokenizer(args.preset, random_weights=True).to(device)  # speed only: weights do not matter
     if args.compile:
         tok.encoder = torch.compile(tok.encoder)
         tok.decoder = torch.compile(tok.decoder)
         if hasattr(tok, "pixel_decoder"):
             tok.pixel_decoder = torch.compile(tok.pixel_decoder)
     x = torch.rand(args.batch_size, 3, tok.image_size, tok.image_size, device=device)
-    if tok.quantize_mode == "vae":  # continuous latents instead of token ids
+    if not tok.is_discrete:  # continuous latents instead of token ids
         tokens = torch.randn(args.batch_size, tok.num_tokens, tok.token_size, device=device)
     else:
         tokens = torch.randint(0, tok.codebook_size, (args.batch_size, tok.num_tokens), device=device)

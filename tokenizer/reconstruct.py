@@ -1,7 +1,7 @@
 """Reconstruct images through a TiTok tokenizer: inputs beside reconstructions, tokens printed.
 
-    python -m tokenizer.reconstruct inputs=photos/ tokenizer=titok_l32 checkpoint=tokenizer_titok_l32.bin
-    python -m tokenizer.reconstruct inputs=photos/ tokenizer=titok_bl64_vae_c16 checkpoint=titok_bl64_vae_c16.bin
+    python -m tokenizer.reconstruct inputs=photos/ tokenizer.spec=titok_l32 tokenizer.checkpoint=tokenizer_titok_l32.bin
+    python -m tokenizer.reconstruct inputs=photos/ tokenizer.spec=titok_bl64_vae_c16 tokenizer.checkpoint=titok_bl64_vae_c16.bin
 
 A VAE tokenizer reconstructs from its posterior mean; its latents are summarised, not printed.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from tokenizer import load_tokenizer
 from titok_core.data import list_images, load_image_rgb, preprocess
+from titok_core.cli import hydra_entry
 from titok_core.images import save_png
 from titok_core.metrics import psnr
 from titok_core.runtime import autocast, exit_on_user_error, pick_device
@@ -62,7 +62,7 @@ def reconstruct(
             used.add(name)
             target = save_png(torch.stack([xi, ri]), out / name, nrow=2)
             record = {"path": str(p), "output": str(target), "psnr": float(psnr(ri[None], xi[None].float()))}
-            if tok.quantize_mode == "vae":
+            if not tok.is_discrete:
                 ti = ti.float()
                 record["latents"] = {"shape": list(ti.shape), "mean": float(ti.mean()), "std": float(ti.std())}
             else:
@@ -75,12 +75,11 @@ def reconstruct(
     return records
 
 
-@hydra.main(config_path="../conf/tokenizer", config_name="reconstruct", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     inputs = list(cfg.inputs) if isinstance(cfg.inputs, ListConfig) else cfg.inputs
     with exit_on_user_error():
         records = reconstruct(
-            tokenizer=cfg.tokenizer, checkpoint=cfg.checkpoint, inputs=inputs, out_dir=cfg.out_dir,
+            tokenizer=cfg.tokenizer.spec, checkpoint=cfg.tokenizer.checkpoint, inputs=inputs, out_dir=cfg.out_dir,
             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
         )
     for r in records:
@@ -91,6 +90,11 @@ def main(cfg: DictConfig) -> None:
             detail = f"latents {lat['shape']} (posterior mean: mean {lat['mean']:.3f}, std {lat['std']:.3f})"
         print(f"{r['path']}: psnr {r['psnr']:.2f} dB -> {r['output']}\n  {detail}")
     print(f"{len(records)} image(s) reconstructed into {cfg.out_dir}")
+
+
+main = hydra_entry(config="tokenizer/reconstruct", description=__doc__,
+                   renamed={"checkpoint": "tokenizer.checkpoint"}, scalar_groups={"tokenizer": "tokenizer.spec"},
+                   on_interrupt="interrupted: the PNGs written so far are complete")(_main)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ code-usage figure under ``<run_dir>/figures``) -> export the EMA weights as
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -28,23 +27,32 @@ from titok_core.builtin import NATIVE_SIZE, make_builtin_dataset
 from titok_core.checkpoints import save_model_file
 from titok_core.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
 from titok_core.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
+from tokenizer.config import check_keys
 from tokenizer.presets import PRESETS, small_image_size, titok_small
 from titok_core.images import save_png
-from titok_core.runtime import exit_on_user_error, resolve_precision
-from titok_core.lr_schedule import schedule_callbacks
+from lightning.pytorch.utilities import rank_zero_only
+
+from titok_core.checkpoints import atomic_path
+from titok_core.cli import hydra_entry
+from titok_core.runs import builtin_for, dataset_fingerprint, default_run_dir, require_dataset, start_run
+from titok_core.runtime import exit_on_user_error
 from tokenizer.lightning_module import TiTokModule
-from titok_core.trainer import SaveLast
+from titok_core.trainer import SaveLast, build_trainer
 
 log = logging.getLogger(__name__)
+# Trainer settings that change what a run computes (max_steps and max_time only say how long).
+IDENTITY_TRAINER_KEYS = ("precision", "gradient_clip_val", "accumulate_grad_batches", "global_batch")
 
 
 def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
-    """``{preset: name, **overrides}`` (or plain TiTok kwargs) -> TiTok constructor kwargs.
+    """``{preset: name, **overrides}`` (or plain TiTokConfig fields) -> our TiTok config (a dict of them).
 
-    Keys set to None keep the preset's value (or TiTok's default without a preset).
+    Keys set to None keep the preset's value (or TiTokConfig's default without a preset).
     ``image_size: auto`` (preset titok_small only) sizes the model for images whose shorter
     side is ``image_side`` pixels (16, 32 or 64; see :func:`tokenizer.presets.small_image_size`).
+    An old key name (``num_latent_tokens``, ``quantize_mode``) or an unknown key fails with one line.
     """
+    check_keys({k: v for k, v in model.items() if k != "preset"}, what="tokenizer model")
     config = {k: v for k, v in model.items() if v is not None}
     preset = config.pop("preset", None)
     if config.get("image_size") == "auto":
@@ -58,8 +66,8 @@ def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
         if preset not in PRESETS:
             raise ValueError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
         config = {**PRESETS[preset], **config}
-    if config.get("quantize_mode", "vq") != "vq":
-        raise ValueError(f"tokenizer training is implemented for VQ tokenizers only, not quantize_mode={config['quantize_mode']}")
+    if config.get("quantizer") == "vae":
+        raise ValueError("tokenizer training is implemented for VQ tokenizers only (quantizer vq or fsq), not quantizer=vae")
     return config
 
 
@@ -84,10 +92,13 @@ def build_datasets(cfg: DictConfig, image_size: int) -> tuple[Dataset, Dataset]:
     train split is decoded once into RAM (small datasets).
     """
     root, fmt = cfg.data.root, cfg.data.get("format", "auto")
-    if cfg.data.builtin:  # returns at once when the tree is there
-        make_builtin_dataset(cfg.data.builtin, Path(root), size=image_size, seed=cfg.seed,
+    builtin = builtin_for(root, cfg.data.builtin)
+    if builtin:  # returns at once when the tree is there
+        make_builtin_dataset(builtin, Path(root), size=image_size, seed=cfg.data.builtin_seed,
                              demo_train_per_class=cfg.data.demo_train_per_class,
                              demo_val_per_class=cfg.data.demo_val_per_class)
+    else:
+        require_dataset(root)
     train_set = open_split(root, cfg.data.train_split, data_format=fmt, resolution=image_size, train=True,
                            random_flip=cfg.data.hflip)
     if isinstance(train_set, WebDatasetShards):  # streamed, never held in memory
@@ -181,14 +192,16 @@ def train(cfg: DictConfig) -> dict:
     """Run the whole job; returns paths and final figures (global_step, metrics, checkpoint, ...)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    run_dir = Path(cfg.run_dir)
+    builtin = builtin_for(cfg.data.root, cfg.data.builtin)
+    run_dir = Path(cfg.run_dir or default_run_dir(package="tokenizer", name=cfg.name, root=cfg.data.root,
+                                                  builtin=builtin))
     init = None
     if cfg.finetune.init_from:
         # Fine-tuning starts from a trained tokenizer: its architecture (cfg.model is not read), its weights.
         from tokenizer import load_tokenizer
 
         init = load_tokenizer(cfg.finetune.init_from)
-        model_config = dict(init.config)
+        model_config = init.config.to_dict()
         log.info("fine-tuning %s%s", cfg.finetune.init_from,
                  " (encoder and quantiser frozen: the tokens stay as they are)" if cfg.finetune.freeze_encoder else "")
     else:
@@ -197,9 +210,10 @@ def train(cfg: DictConfig) -> dict:
         model = OmegaConf.to_container(cfg.model, resolve=True)
         side = None
         if model.get("image_size") == "auto":
-            if cfg.data.builtin:
-                side = NATIVE_SIZE[cfg.data.builtin]
+            if builtin:
+                side = NATIVE_SIZE[builtin]
             else:
+                require_dataset(cfg.data.root)
                 side = first_image_side(Path(cfg.data.root) / cfg.data.train_split)
         model_config = resolve_model(model, image_side=side)
     log.info("tokenizer %s", model_config)
@@ -233,21 +247,33 @@ def train(cfg: DictConfig) -> dict:
         for net in (module.model, module.ema):
             if net is not None:
                 net.load_state_dict(weights)
+    if rank_zero_only.rank == 0:  # the other ranks start once rank 0 has checked the run
+        identity = {
+            "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.train_split,
+                        "format": cfg.data.format, "builtin": builtin,
+                        **dataset_fingerprint(cfg.data.root, cfg.data.train_split)},
+            "model": model_config, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True),
+            "recipe": {group: OmegaConf.to_container(cfg[group], resolve=True)
+                       for group in ("loss", "optim", "codebook", "proxy")}
+            | {"batch_size": cfg.batch_size, "seed": cfg.seed, "hflip": cfg.data.hflip,
+               "trainer": {k: cfg.trainer.get(k) for k in IDENTITY_TRAINER_KEYS}},
+        }
+        if start_run(run_dir, identity, resume=cfg.resume):
+            log.info("%s: the same run, resuming", run_dir)
+        with atomic_path(run_dir / "config.yaml") as tmp:  # this launch's whole config, for the record
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     figures = Figures(run_dir / "figures")
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
                         save_top_k=0, enable_version_counter=False),
-        SaveLast(last), figures, *schedule_callbacks(max_time=tr.max_time, schedule_steps=tr.schedule_steps),
+        SaveLast(last), figures,
     ]
-    trainer = L.Trainer(
-        default_root_dir=run_dir, max_steps=tr.max_steps, max_time=tr.max_time, accelerator=tr.accelerator,
-        devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy, precision=resolve_precision(tr.precision),
-        gradient_clip_val=tr.gradient_clip_val, accumulate_grad_batches=tr.accumulate_grad_batches,
-        log_every_n_steps=tr.log_every_n_steps, enable_progress_bar=tr.enable_progress_bar,
-        val_check_interval=tr.val_check_interval, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        callbacks=callbacks, logger=CSVLogger(run_dir, name="logs"), enable_model_summary=False,
+    trainer = build_trainer(
+        trainer=OmegaConf.to_container(tr, resolve=True), run_dir=run_dir, batch_size=cfg.batch_size,
+        callbacks=callbacks, logger=OmegaConf.to_container(cfg.logger) if OmegaConf.is_config(cfg.logger) else cfg.logger,
+        name=str(cfg.name), check_val_every_n_epoch=None, num_sanity_val_steps=0,
     )
     resumed_from = None
     if last.is_file():
@@ -256,6 +282,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("resuming from %s (step %d)", last, resumed_from)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resumed_from is not None else None,
                 weights_only=True)
+    if trainer.interrupted:  # Lightning catches Ctrl-C and returns; the checkpoints so far are complete
+        raise KeyboardInterrupt
     global_step = trainer.global_step
 
     # Final figures with the weights that get exported.
@@ -268,14 +296,13 @@ def train(cfg: DictConfig) -> dict:
         extra = {"global_step": global_step, "ema": module.ema is not None, "data_root": str(cfg.data.root),
                  "data_builtin": cfg.data.builtin, "finetuned_from": cfg.finetune.init_from,
                  "metrics": result["metrics"]}
-        save_model_file(out, kind="tokenizer", config=module.model.config, state_dict=module.export_state_dict(),
-                        extra=extra)
+        save_model_file(out, kind="tokenizer", config=module.model.config.to_dict(),
+                        state_dict=module.export_state_dict(), extra=extra)
         result["checkpoint"] = str(out)
     return result
 
 
-@hydra.main(config_path="../conf/tokenizer", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     with exit_on_user_error(FileExistsError):
         result = train(cfg)
     if "checkpoint" in result:
@@ -284,6 +311,10 @@ def main(cfg: DictConfig) -> None:
               f"codebook usage {m.get('val/codebook_usage', float('nan')):.0%}")
         print(f"tokenizer: {result['checkpoint']}")
         print(f"figures: {result.get('recon_grid')} {result.get('usage_figure')}")
+
+
+main = hydra_entry(config="tokenizer/train", description=__doc__, renamed={
+    "model.num_latent_tokens": "model.num_tokens", "model.quantize_mode": "model.quantizer"})(_main)
 
 
 if __name__ == "__main__":

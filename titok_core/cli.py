@@ -1,0 +1,298 @@
+"""The command line of every Hydra entry point: one clear line for every mistake, and ``--help``.
+
+``hydra_entry`` wraps an entry point's task function. Before Hydra runs, it composes the
+config once with the user's overrides and turns each kind of mistake into one ``error: ...``
+line on stderr and exit code 2:
+
+* an old spelling of an option (``renamed``: old key -> new key; see CHANGELOG.md);
+* an unknown key, with the closest known key suggested;
+* ``+key=value`` (Hydra's "add a key"): every option we read is in the config already, so an
+  added key would be read by nothing;
+* a value of the wrong type for a key whose default is a number or a boolean;
+* a mandatory value (``???``) left missing.
+
+While the task runs, Ctrl-C prints one line (``interrupted``) and exits 130; errors the task
+raises for bad input (see :func:`titok_core.runtime.exit_on_user_error`) print one line and exit 2.
+``--help`` prints the entry point's description, then every option with its default and the
+comment beside it in the YAML, then the config groups to choose from.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+RESUME_HINT = "interrupted: run the same command to resume"
+
+
+class UsageError(ValueError):
+    """A command line that cannot run; the message is one line."""
+
+
+# --------------------------------------------------------------------------- overrides
+
+_OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-@/]*)(?:=(?P<value>.*))?$", re.S)
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str, str | None]]:
+    """Command-line words -> [(prefix, key, value)], leaving out Hydra's own flags and ``hydra.*`` keys."""
+    out = []
+    for word in argv:
+        if word.startswith("-"):
+            continue
+        m = _OVERRIDE.match(word)
+        if m is None:
+            raise UsageError(f"cannot read {word!r}: write key=value")
+        key = m["key"]
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        out.append((m["prefix"] or "", key, m["value"]))
+    return out
+
+
+def _flat_keys(node, prefix: str = "") -> dict[str, object]:
+    """Every key of a composed config (nested keys dotted) -> its value (containers included)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out: dict[str, object] = {}
+    if not isinstance(node, DictConfig):
+        return out
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            out[full] = "???"
+            continue
+        value = node._get_node(key)
+        out[full] = value
+        child = node[key]
+        if isinstance(child, DictConfig):
+            out.update(_flat_keys(child, full + "."))
+    return out
+
+
+def _renamed(key: str, renamed: Mapping[str, str]) -> str | None:
+    for old, new in renamed.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _closest(key: str, known: list[str]) -> str:
+    matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not matches:  # a last part that exists under another group: "accumulate_grad_batches" -> trainer.
+        last = key.rsplit(".", 1)[-1]
+        matches = [k for k in known if k.rsplit(".", 1)[-1] == last][:1]
+    return f" (did you mean {matches[0]}?)" if matches else ""
+
+
+def _type_error(key: str, value: str, default) -> str | None:
+    """A one-line complaint when ``value`` cannot stand for a ``default`` that is a number or a bool."""
+    text = value.strip()
+    if text in ("null", "None") or text.startswith("${"):
+        return None
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            return f"{key}={value}: expected true or false"
+    elif isinstance(default, int):
+        if not re.fullmatch(r"[+-]?\d[\d_]*", text):
+            return f"{key}={value}: expected an integer"
+    elif isinstance(default, float):
+        try:
+            float(text)
+        except ValueError:
+            return f"{key}={value}: expected a number"
+    return None
+
+
+def check_command_line(
+    argv: list[str], *, config_dir: Path, config_name: str, renamed: Mapping[str, str] = {},
+    scalar_groups: Mapping[str, str] = {},
+):
+    """Compose the config with the overrides in ``argv``; raise UsageError (one line) for any mistake.
+
+    renamed: old dotted key -> new key. scalar_groups: a group that used to be one value ->
+    the key that value goes to now (``generator=X`` -> ``generator.spec``). Returns the config.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.nodes import ValueNode
+
+    overrides = parse_overrides(argv)
+    for prefix, key, value in overrides:
+        new = _renamed(key, renamed)
+        if new is not None:
+            raise UsageError(f"{prefix}{key}= was renamed: write {new}={value if value is not None else '...'}")
+    group_dirs = {p.name for p in config_dir.iterdir() if p.is_dir()}
+    selections = [f"{p}{k}={v}" for p, k, v in overrides if k.split("/")[0] in group_dirs and "." not in k]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            try:
+                base = compose(config_name=config_name, overrides=selections)
+            except Exception as exc:  # noqa: BLE001 - a bad group choice
+                raise UsageError(_first_line(exc)) from None
+            known_values = _flat_keys(base)
+            known = sorted(known_values)
+            for prefix, key, value in overrides:
+                if key.split("/")[0] in group_dirs and "." not in key:
+                    continue
+                if prefix in ("+", "++"):
+                    if key in known_values:
+                        raise UsageError(f"{prefix}{key}: {key} is an option already; write {key}={value}")
+                    raise UsageError(f"{prefix}{key}: no option {key} exists, so nothing would read it"
+                                     + _closest(key, known))
+                if key not in known_values:
+                    raise UsageError(f"unknown option {key}{_closest(key, known)}")
+                node = known_values[key]
+                if key in scalar_groups and value is not None and not value.strip().startswith("{"):
+                    raise UsageError(f"{key}= takes a group now: write {scalar_groups[key]}={value}")
+                default = node._value() if isinstance(node, ValueNode) else None
+                if value is not None:
+                    problem = _type_error(key, value, default)
+                    if problem:
+                        raise UsageError(problem)
+            try:
+                cfg = compose(config_name=config_name, overrides=[f"{p}{k}={v}" if v is not None else f"{p}{k}"
+                                                                  for p, k, v in overrides])
+            except Exception as exc:  # noqa: BLE001 - anything Hydra refuses, in its own words
+                raise UsageError(_first_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    missing = sorted(k for k in _missing_keys(cfg))
+    if missing:
+        raise UsageError(f"missing value for {', '.join(missing)}: pass {missing[0]}=...")
+    assert isinstance(cfg, DictConfig)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _missing_keys(cfg) -> set[str]:
+    from omegaconf import OmegaConf
+
+    try:
+        return set(OmegaConf.missing_keys(cfg))
+    except AttributeError:  # omegaconf < 2.1
+        return {k for k, v in _flat_keys(cfg).items() if v == "???"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- --help
+
+_COMMENTED = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w\-]*):(?P<value>[^#]*?)\s*(#\s?(?P<comment>.*))?$")
+
+
+def describe_options(yaml_path: Path) -> list[tuple[str, str, str]]:
+    """(dotted key, default as written, the comment beside it) for every key of one YAML file.
+
+    A comment on the lines right below a key (indented under its comment) continues it."""
+    rows: list[list[str]] = []
+    stack: list[tuple[int, str]] = []
+    last_comment_col = None
+    for line in yaml_path.read_text().splitlines():
+        if not line.strip():
+            last_comment_col = None
+            continue
+        stripped = line.lstrip()
+        if stripped.startswith("#"):
+            col = len(line) - len(stripped)
+            if rows and last_comment_col is not None and col >= last_comment_col:
+                rows[-1][2] = (rows[-1][2] + " " + stripped.lstrip("#").strip()).strip()
+            continue
+        if stripped.startswith("-"):
+            continue
+        m = _COMMENTED.match(line)
+        if m is None:
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([k for _, k in stack] + [m["key"]])
+        value = m["value"].strip()
+        if key in ("defaults", "hydra") or key.startswith(("hydra.", "defaults.")):
+            stack.append((indent, m["key"]))
+            last_comment_col = None
+            continue
+        rows.append([key, value, (m["comment"] or "").strip()])
+        last_comment_col = line.index("#") if m["comment"] is not None else None
+        if value == "":
+            stack.append((indent, m["key"]))
+    return [(k, v, c) for k, v, c in rows]
+
+
+def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
+    """The text of ``--help``: the description, every option of the YAML, then the config groups."""
+    lines = [description.strip(), "", f"Options (key=value; defaults from {config_dir.name}/{config_name}.yaml):"]
+    rows = describe_options(config_dir / f"{config_name}.yaml")
+    width = min(34, max((len(k) for k, _, _ in rows), default=10) + 2)
+    for key, value, comment in rows:
+        shown = f"{key} [{value}]" if value else key
+        lines.append(f"  {shown:<{width}} {comment}".rstrip() if len(shown) < width else f"  {shown}\n  {'':<{width}} {comment}".rstrip())
+    groups = sorted(p for p in config_dir.iterdir() if p.is_dir())
+    for group in groups:
+        choices = sorted(f.stem for f in group.glob("*.yaml"))
+        lines += ["", f"Config group {group.name}= (choose one): {', '.join(choices)}"]
+    lines += ["", "Hydra's own flags still work: --cfg job prints the composed config."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+def hydra_entry(
+    *, config: str, description: str, renamed: Mapping[str, str] = {}, scalar_groups: Mapping[str, str] = {},
+    on_interrupt: str = RESUME_HINT,
+) -> Callable[[Callable], Callable[[], None]]:
+    """Decorate ``task(cfg)`` as the ``main()`` of an entry point whose config is ``conf/<config>.yaml``.
+
+    description: the module's docstring (printed by --help). renamed / scalar_groups: see
+    :func:`check_command_line`. on_interrupt: the line printed on Ctrl-C (exit 130).
+    """
+    import hydra
+
+    config_dir = CONF / Path(config).parent
+    config_name = Path(config).name
+
+    def decorate(task: Callable) -> Callable[[], None]:
+        @functools.wraps(task)
+        def guarded(cfg) -> None:
+            try:
+                task(cfg)
+            except KeyboardInterrupt:
+                print(on_interrupt, file=sys.stderr)
+                sys.exit(130)
+
+        hydra_main = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(guarded)
+
+        def main() -> None:
+            argv = sys.argv[1:]
+            if "--help" in argv or "-h" in argv:
+                print(help_text(description=description, config_dir=config_dir, config_name=config_name))
+                return
+            if not any(a.startswith("--") for a in argv):  # --cfg, --multirun ...: Hydra's own business
+                try:
+                    check_command_line(argv, config_dir=config_dir, config_name=config_name, renamed=renamed,
+                                       scalar_groups=scalar_groups)
+                except UsageError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    sys.exit(2)
+                except KeyboardInterrupt:
+                    print("interrupted", file=sys.stderr)
+                    sys.exit(130)
+            try:
+                hydra_main()
+            except KeyboardInterrupt:
+                print(on_interrupt, file=sys.stderr)
+                sys.exit(130)
+
+        main.task = task  # tests call the task with a composed config
+        return main
+
+    return decorate

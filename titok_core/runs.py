@@ -1,0 +1,163 @@
+"""A run knows what it is: the identity of a training run, recorded when it starts and checked on resume.
+
+A run directory holds ``run.json``: the dataset (root, split, format and a cheap fingerprint of
+its files), the tokenizer, the model config and the recipe. A rerun of the same command finds
+its record equal and resumes from ``checkpoints/last.ckpt``; a command that would continue
+someone else's run (another dataset, tokenizer, model or recipe) stops with one line that names
+what differs. ``resume=false`` moves the old run aside (never deletes it) and starts afresh.
+A larger ``trainer.max_steps`` or ``trainer.max_time`` is a continuation, not a difference: they
+are not part of the identity.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from titok_core.checkpoints import atomic_path
+
+log = logging.getLogger(__name__)
+RECORD = "run.json"
+
+# Where each built-in dataset is written unless data.builtin names it for another root.
+BUILTIN_ROOTS = {"demo": "data/demo_shapes", "digits": "data/digits"}
+DATA_LAYOUTS = (
+    "an image folder <root>/<split>/<class>/*, a Hugging Face dataset (save_to_disk folder or <split>-*.parquet) "
+    "or WebDataset shards (<split>-*.tar)"
+)
+
+
+class RunMismatchError(ValueError):
+    """A run directory that holds another run; the message is one line."""
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.abspath(os.fspath(a)) == os.path.abspath(os.fspath(b))
+
+
+def builtin_for(root: str | os.PathLike, builtin: str | None) -> str | None:
+    """The built-in dataset to write at ``root``: ``builtin`` when given, else the one whose default
+    location ``root`` is (``data/demo_shapes`` -> demo), else None (the data must be there)."""
+    if builtin:
+        if builtin not in BUILTIN_ROOTS:
+            raise ValueError(f"data.builtin must be one of {', '.join(BUILTIN_ROOTS)}, got {builtin!r}")
+        return builtin
+    return next((name for name, default in BUILTIN_ROOTS.items() if _same_path(root, default)), None)
+
+
+def require_dataset(root: str | os.PathLike) -> None:
+    """FileNotFoundError (one line) unless something is at ``root`` (a folder, a file or shards)."""
+    text = os.fspath(root)
+    if "{" in text or Path(text).exists():
+        return
+    raise FileNotFoundError(f"no dataset at {text}: expected {DATA_LAYOUTS}")
+
+
+def dataset_slug(root: str | os.PathLike) -> str:
+    """A short name for a dataset root: its folder name (a pattern's or file's parent folder name)."""
+    path = Path(os.fspath(root).split("{")[0])
+    name = path.name if path.is_dir() or not path.suffix else path.parent.name
+    return name or "data"
+
+
+def default_run_dir(*, package: str, name: str, root: str | os.PathLike, builtin: str | None) -> Path:
+    """``runs/<package>/<name>`` for a built-in dataset at its default place, else
+    ``runs/<package>/<name>-<dataset folder>``, so one recipe on two datasets gives two runs."""
+    at_home = builtin is not None and _same_path(root, BUILTIN_ROOTS[builtin])
+    return Path("runs") / package / (name if at_home else f"{name}-{dataset_slug(root)}")
+
+
+def dataset_fingerprint(root: str | os.PathLike, split: str | None = None) -> dict:
+    """A cheap fingerprint of the files of a dataset: how many, and a hash of their names and sizes.
+
+    ``<root>/<split>`` when it is a folder, else every file under ``root`` (parquet, tar shards).
+    Reads no file contents, so a million-image folder takes seconds.
+    """
+    root_path = Path(os.fspath(root))
+    base = root_path / split if split and (root_path / split).is_dir() else root_path
+    h = hashlib.sha256()
+    count = 0
+    if base.is_file():
+        files = [(base.name, base.stat().st_size)]
+    else:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for f in sorted(filenames):
+                p = os.path.join(dirpath, f)
+                try:
+                    files.append((os.path.relpath(p, base), os.path.getsize(p)))
+                except OSError:
+                    continue
+    for rel, size in files:
+        h.update(f"{rel}\0{size}\n".encode())
+        count += 1
+    return {"files": count, "sha256": h.hexdigest()[:16]}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``key (was A, now B)`` for every leaf that differs between two identity records."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key} (was {_short(a.get(key))}, now {_short(b.get(key))})")
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def start_run(run_dir: str | os.PathLike, identity: dict, *, resume: bool | str = "auto") -> bool:
+    """Record ``identity`` in ``run_dir`` or check it against the record there; True when the run resumes.
+
+    resume: "auto" (resume when the record agrees, stop with a RunMismatchError naming the
+    differences when not) or False (move an existing run aside to ``<run_dir>.old-<time>`` and
+    start afresh). ``identity`` must be JSON-serialisable.
+    """
+    run_dir = Path(run_dir)
+    record = run_dir / RECORD
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as it will read back
+    if resume not in ("auto", True, False):
+        raise ValueError(f"resume must be auto or false, got {resume!r}")
+    exists = record.is_file() or (run_dir / "checkpoints").is_dir()
+    if exists and resume is False:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for entry in run_dir.iterdir():
+            if entry.name != ".hydra":  # this launch's own Hydra folder stays with the new run
+                entry.rename(aside / entry.name)
+        log.warning("resume=false: the old run is kept at %s", aside)
+        exists = False
+    if exists and record.is_file():
+        old = json.loads(record.read_text())
+        diff = differences(old, identity)
+        if diff:
+            raise RunMismatchError(
+                f"{run_dir} holds another run: it differs in {'; '.join(diff[:3])}"
+                f"{f' and {len(diff) - 3} more' if len(diff) > 3 else ''}. Pass a new name=... for a new run, "
+                "or resume=false to move the old one aside"
+            )
+        return (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if exists and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise RunMismatchError(
+            f"{run_dir} holds a run with no record of what it trained ({RECORD}); pass a new name=... for a new run, "
+            "or resume=false to move the old one aside"
+        )
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    return False
