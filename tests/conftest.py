@@ -1,19 +1,55 @@
+"""Shared fixtures: the official golden outputs (tests/fixtures), composed Hydra configs, a
+random Inception, and the CPU thread count the golden outputs were made with."""
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "official_tiny"
+CONF = REPO / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # regenerate: scripts/make_official_fixtures.py
+OFFICIAL_TINY = FIXTURES / "official_tiny"
 
 
 @pytest.fixture(scope="session")
 def official_tiny() -> Path:
-    """The official golden outputs (../shared/fixtures/official_tiny); skips where absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"parity fixtures not found at {FIXTURES}")
-    return FIXTURES
+    """The official golden outputs of tests/fixtures/official_tiny (see its README.md).
+
+    They are part of the repository: a missing file is a failure, never a skip.
+    """
+    missing = [p for p in ("meta.json", "tokenizer/tokenizer.bin", "generator_imagebert/generator.bin",
+                           "generator_uvit/generator.bin") if not (OFFICIAL_TINY / p).is_file()]
+    if missing:
+        pytest.fail(f"golden fixtures missing under {OFFICIAL_TINY}: {', '.join(missing)} "
+                    "(restore them from git, or regenerate with scripts/make_official_fixtures.py)")
+    return OFFICIAL_TINY
+
+
+def compose_config(entry: str, overrides: Iterable[str] = ()):
+    """The config an entry point composes: ``compose_config("tokenizer.train", ["experiment=demo"])``.
+
+    ``entry`` is the module (``tokenizer.train``, ``generator.cache``, ``eval.gfid``, ...) or
+    ``<package>/<name>``; the config is conf/<package>/<name>.yaml with Hydra's command-line
+    ``overrides`` applied, as ``python -m <entry> <overrides>`` composes it (no run directory made).
+    """
+    from hydra import compose, initialize_config_dir
+
+    package, _, name = entry.replace("/", ".").rpartition(".")
+    conf_dir = CONF / package.replace(".", "/")
+    if not package or not (conf_dir / f"{name}.yaml").is_file():
+        raise FileNotFoundError(f"no config for entry point {entry!r} (looked for {conf_dir / (name + '.yaml')})")
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(entry, overrides)`` -> the composed DictConfig of conf/<package>/<name>.yaml (see compose_config)."""
+    return compose_config
 
 
 @pytest.fixture(scope="session")
