@@ -23,6 +23,8 @@ Optimiser: AdamW, linear warm-up then cosine; EMA of the weights (exported).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 import logging
 import math
 import os
@@ -281,6 +283,65 @@ class LPIPS(nn.Module):
 
 # --------------------------------------------------------------------------- module
 
+@dataclass(frozen=True)
+class LpipsConfig:
+    vgg_weights: str | None = None  # torchvision vgg16-397923af.pth
+    lpips_weights: str | None = None  # the lpips package's weights/v0.1/vgg.pth
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    weight: float = 0.0  # 0: no discriminator
+    start_step: int = 20000
+    lr: float | None = None  # None: optim.lr
+    channels: int = 64
+    layers: int = 3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The ``loss`` group of tokenizer.train (conf/tokenizer/train.yaml says what each key does)."""
+
+    reconstruction: str = "l2"
+    reconstruction_weight: float = 1.0
+    rate_weight: float = 0.0
+    gradient_weight: float = 0.0
+    quantizer_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    lpips: LpipsConfig = LpipsConfig()
+    gan: GanConfig = GanConfig()
+
+    @classmethod
+    def from_mapping(cls, group: Mapping) -> "LossConfig":
+        group = dict(group)
+        lpips, gan = LpipsConfig(**dict(group.pop("lpips", {}))), GanConfig(**dict(group.pop("gan", {})))
+        return cls(**group, lpips=lpips, gan=gan)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The ``optim`` group: AdamW, linear warm-up then cosine to end_lr, EMA of the weights (exported)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    end_lr: float = 1e-5
+    ema: bool = True
+    ema_decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """The ``codebook`` group: against collapse (see :class:`CodeUsage`)."""
+
+    quantizer_warmup_steps: int = 0
+    revive_every_n_steps: int = 100
+    usage_decay: float = 0.99
+    dead_ratio: float = 0.03
+    latent_buffer_size: int = 4096
+
+
 class TiTokModule(L.LightningModule):
     """Owns the losses, optimiser, EMA and dead-code re-init; the network is a plain TiTok.
 
@@ -289,20 +350,19 @@ class TiTokModule(L.LightningModule):
     """
 
     def __init__(
-        self, *, model_config: dict, recon_loss: str = "l2", recon_weight: float = 1.0,
-        gradient_weight: float = 0.0, quantizer_weight: float = 1.0, perceptual_weight: float = 0.0,
-        lpips_vgg_weights: str | None = None, lpips_weights: str | None = None, gan_weight: float = 0.0,
-        gan_start_step: int = 0,
-        disc_channels: int = 64, disc_layers: int = 3, vqgan_checkpoint: str | None = None,
-        lr: float = 1e-4, disc_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 1e-4, warmup_steps: int = 1000, max_steps: int = 100_000, end_lr: float = 1e-5,
-        ema_decay: float | None = 0.999, quantizer_warmup_steps: int = 0, revive_every_n_steps: int = 100,
-        usage_decay: float = 0.99,
-        dead_ratio: float = 0.03, latent_buffer_size: int = 4096, seed: int = 0, freeze_encoder: bool = False,
-        rate_weight: float = 0.0, rate_classes: int = 1,
+        self, *, model_config: dict, loss: Mapping | None = None, optim: Mapping | None = None,
+        codebook: Mapping | None = None, vqgan_checkpoint: str | None = None, max_steps: int = 100_000, seed: int = 0,
+        freeze_encoder: bool = False, rate_classes: int = 1,
     ):
+        """loss, optim, codebook: the config groups of ``tokenizer.train``, handed over whole (see
+        :class:`LossConfig`, :class:`OptimConfig`, :class:`CodebookConfig`; an unknown key is an error).
+        vqgan_checkpoint: the MaskGIT-VQGAN of the stage-1 recipe (``proxy.vqgan_checkpoint``)."""
         super().__init__()
         self.save_hyperparameters()
+        self.loss_cfg = LossConfig.from_mapping(loss or {})
+        self.optim_cfg = OptimConfig(**dict(optim or {}))
+        self.codebook_cfg = CodebookConfig(**dict(codebook or {}))
+        lc, oc, cc = self.loss_cfg, self.optim_cfg, self.codebook_cfg
         config = dict(model_config)
         self.proxy = None
         if config.get("decoder_output", "proxy_codes") == "proxy_codes":
@@ -330,33 +390,33 @@ class TiTokModule(L.LightningModule):
             # generators trained on them and token caches stay valid; only the decoder learns.
             for part in (self.model.encoder, self.model.latent_tokens, self.model.quantize):
                 part.requires_grad_(False)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if oc.ema else None
         q = self.model.quantize
         # FSQ has no learned codebook: nothing can die, so there is nothing to revive; a frozen
         # codebook (decoder fine-tuning) must not change either.
         self.usage = CodeUsage(
-            codebook_size=q.embedding.num_embeddings, token_size=q.embedding.embedding_dim, decay=usage_decay,
-            dead_ratio=dead_ratio, buffer_size=latent_buffer_size,
+            codebook_size=q.embedding.num_embeddings, token_size=q.embedding.embedding_dim, decay=cc.usage_decay,
+            dead_ratio=cc.dead_ratio, buffer_size=cc.latent_buffer_size,
         ) if isinstance(q, VectorQuantizer) and not freeze_encoder else None
         self.register_buffer("revived_total", torch.zeros((), dtype=torch.long))
         self.prior = None
-        if rate_weight > 0:
+        if lc.rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
                 raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
         self.lpips = None
-        if perceptual_weight > 0:
-            paths = [p for p in (lpips_vgg_weights, lpips_weights) if p]
+        if lc.perceptual_weight > 0:
+            paths = [p for p in (lc.lpips.vgg_weights, lc.lpips.lpips_weights) if p]
             if len(paths) == 2 and all(os.path.isfile(p) for p in paths):
-                self.lpips = LPIPS(lpips_vgg_weights, lpips_weights)
-                log.info("perceptual loss: LPIPS-VGG, weight %g", perceptual_weight)
+                self.lpips = LPIPS(lc.lpips.vgg_weights, lc.lpips.lpips_weights)
+                log.info("perceptual loss: LPIPS-VGG, weight %g", lc.perceptual_weight)
             else:
                 log.warning("perceptual loss skipped: LPIPS weights not found (loss.lpips.vgg_weights=%s, "
-                            "loss.lpips.lpips_weights=%s)", lpips_vgg_weights, lpips_weights)
+                            "loss.lpips.lpips_weights=%s)", lc.lpips.vgg_weights, lc.lpips.lpips_weights)
         self.discriminator = None
-        if gan_weight > 0:
-            self.discriminator = PatchDiscriminator(channels=disc_channels, num_layers=disc_layers)
+        if lc.gan.weight > 0:
+            self.discriminator = PatchDiscriminator(channels=lc.gan.channels, num_layers=lc.gan.layers)
         self._last_step = -1
         self._val_counts: torch.Tensor | None = None
         self.val_preview: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, recon) [8,3,H,W]
@@ -364,7 +424,7 @@ class TiTokModule(L.LightningModule):
 
     # ----- forward pieces
     def _quantizing(self) -> bool:
-        return self.hparams.freeze_encoder or self.global_step >= self.hparams.quantizer_warmup_steps
+        return self.hparams.freeze_encoder or self.global_step >= self.codebook_cfg.quantizer_warmup_steps
 
     def _reconstruct(self, model: nn.Module, images: torch.Tensor, *, quantize: bool = True):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_encoder):
@@ -385,10 +445,9 @@ class TiTokModule(L.LightningModule):
         if batch is None:  # every image of the batch was unreadable (collate_skip_bad)
             return None
         images = batch[0]
-        hp = self.hparams
         z, tokens, qlosses, out = self._reconstruct(self.model, images, quantize=self._quantizing())
         logs = {"train/quantizer_loss": qlosses["quantizer_loss"], "train/commitment_loss": qlosses["commitment_loss"]}
-        loss = hp.quantizer_weight * qlosses["quantizer_loss"]
+        loss = self.loss_cfg.quantizer_weight * qlosses["quantizer_loss"]
         if self.proxy is not None:
             codes = self.proxy(images)  # (B, G, G)
             ce = F.cross_entropy(out.float(), codes)
@@ -396,32 +455,32 @@ class TiTokModule(L.LightningModule):
             logs.update({"train/ce_loss": ce, "train/proxy_acc": (out.argmax(1) == codes).float().mean()})
         else:
             out = self.model.render(out)  # pixels [B,3,H,W]
-            rec = reconstruction_loss(out, images, hp.recon_loss)
-            loss = loss + hp.recon_weight * rec
+            rec = reconstruction_loss(out, images, self.loss_cfg.reconstruction)
+            loss = loss + self.loss_cfg.reconstruction_weight * rec
             logs["train/rec_loss"] = rec
-            if hp.gradient_weight > 0:
+            if self.loss_cfg.gradient_weight > 0:
                 edge = gradient_loss(out, images)
-                loss = loss + hp.gradient_weight * edge
+                loss = loss + self.loss_cfg.gradient_weight * edge
                 logs["train/gradient_loss"] = edge
             if self.lpips is not None:
                 p = self.lpips(images, out).mean()
-                loss = loss + hp.perceptual_weight * p
+                loss = loss + self.loss_cfg.perceptual_weight * p
                 logs["train/perceptual_loss"] = p
             if self.discriminator is not None:
                 # Generator and discriminator share one backward: the discriminator is frozen
                 # while it scores the generator's output and sees only detached images itself.
-                factor = 1.0 if self.global_step >= hp.gan_start_step else 0.0
+                factor = 1.0 if self.global_step >= self.loss_cfg.gan.start_step else 0.0
                 self.discriminator.requires_grad_(False)
                 g_loss = -self.discriminator(out.float()).mean()
                 self.discriminator.requires_grad_(True)
                 d_loss = hinge_d_loss(self.discriminator(images.float()), self.discriminator(out.detach().float()))
-                loss = loss + factor * (hp.gan_weight * g_loss + d_loss)
+                loss = loss + factor * (self.loss_cfg.gan.weight * g_loss + d_loss)
                 logs.update({"train/g_loss": g_loss, "train/d_loss": d_loss})
         if self.prior is not None:
             labels = batch[1].to(self.device).long()
             u = self.model.quantize.digit_positions(z)
             rate = self.prior(u, labels).mean()
-            loss = loss + hp.rate_weight * rate
+            loss = loss + self.loss_cfg.rate_weight * rate
             logs.update({"train/rate": rate, "train/code_bits": self.prior.code_bits(u, labels)})
             self.prior.update(self.all_gather(u.detach()).reshape(-1, *u.shape[1:]), self.all_gather(labels).flatten())
         logs.update({"train/loss": loss, "train/lr": self.optimizers().param_groups[0]["lr"]})
@@ -438,15 +497,14 @@ class TiTokModule(L.LightningModule):
         if step == self._last_step:  # gradient accumulation: no optimiser step happened
             return
         self._last_step = step
-        hp = self.hparams
         if self.usage is not None:  # a learned codebook (VQ): keep every code in use
-            if step == hp.quantizer_warmup_steps > 0:
+            if step == self.codebook_cfg.quantizer_warmup_steps > 0:
                 self.usage.usage.zero_()  # the warm-up ends: every code restarts on a recent latent
                 self._revive_dead_codes(step)
-            elif hp.revive_every_n_steps and step % hp.revive_every_n_steps == 0:
+            elif self.codebook_cfg.revive_every_n_steps and step % self.codebook_cfg.revive_every_n_steps == 0:
                 self._revive_dead_codes(step)
         if self.ema is not None:
-            ema_update(self.ema, self.model, step=step, max_decay=hp.ema_decay)
+            ema_update(self.ema, self.model, step=step, max_decay=self.optim_cfg.ema_decay)
 
     @torch.no_grad()
     def _revive_dead_codes(self, step: int) -> None:
@@ -492,14 +550,14 @@ class TiTokModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model.named_parameters(), weight_decay=hp.weight_decay, no_decay_keys=NO_DECAY_KEYS)
+        groups = param_groups(self.model.named_parameters(), weight_decay=self.optim_cfg.weight_decay, no_decay_keys=NO_DECAY_KEYS)
         if self.discriminator is not None:
-            groups.append({"params": list(self.discriminator.parameters()), "weight_decay": hp.weight_decay,
-                           "lr": hp.disc_lr or hp.lr})
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+            groups.append({"params": list(self.discriminator.parameters()), "weight_decay": self.optim_cfg.weight_decay,
+                           "lr": self.loss_cfg.gan.lr or self.optim_cfg.lr})
+        opt = torch.optim.AdamW(groups, lr=self.optim_cfg.lr, betas=tuple(self.optim_cfg.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, warmup_steps=hp.warmup_steps, max_steps=hp.max_steps,
-                                            base_lr=hp.lr, end_lr=hp.end_lr) / hp.lr,
+            opt, lambda step: warmup_cosine(step, warmup_steps=self.optim_cfg.warmup_steps, max_steps=hp.max_steps,
+                                            base_lr=self.optim_cfg.lr, end_lr=self.optim_cfg.end_lr) / self.optim_cfg.lr,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

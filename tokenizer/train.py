@@ -226,28 +226,20 @@ def train(cfg: DictConfig) -> dict:
         train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
 
-    tr, loss, opt, cb = cfg.trainer, cfg.loss, cfg.optim, cfg.codebook
+    tr = cfg.trainer
     module = TiTokModule(
-        model_config=model_config, recon_loss=loss.reconstruction, recon_weight=loss.reconstruction_weight,
-        gradient_weight=loss.gradient_weight,
-        quantizer_weight=loss.quantizer_weight, perceptual_weight=loss.perceptual_weight,
-        lpips_vgg_weights=loss.lpips.vgg_weights, lpips_weights=loss.lpips.lpips_weights,
-        gan_weight=loss.gan.weight, gan_start_step=loss.gan.start_step, disc_channels=loss.gan.channels,
-        disc_layers=loss.gan.layers, vqgan_checkpoint=cfg.proxy.vqgan_checkpoint,
-        lr=opt.lr, disc_lr=loss.gan.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
-        warmup_steps=opt.warmup_steps, max_steps=tr.max_steps, end_lr=opt.end_lr,
-        ema_decay=opt.ema_decay if opt.ema else None,
-        quantizer_warmup_steps=cb.quantizer_warmup_steps, revive_every_n_steps=cb.revive_every_n_steps,
-        usage_decay=cb.usage_decay, dead_ratio=cb.dead_ratio, latent_buffer_size=cb.latent_buffer_size, seed=cfg.seed,
-        freeze_encoder=bool(cfg.finetune.freeze_encoder),
-        rate_weight=loss.rate_weight, rate_classes=len(getattr(train_set, "classes", None) or [0]),
+        model_config=model_config, max_steps=tr.max_steps, seed=cfg.seed, vqgan_checkpoint=cfg.proxy.vqgan_checkpoint,
+        freeze_encoder=bool(cfg.finetune.freeze_encoder), rate_classes=len(getattr(train_set, "classes", None) or [0]),
+        **{group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("loss", "optim", "codebook")},
     )
     if init is not None:  # a resumed run overwrites these with its own checkpoint below
         weights = init.state_dict()
         for net in (module.model, module.ema):
             if net is not None:
                 net.load_state_dict(weights)
-    if rank_zero_only.rank == 0:  # the other ranks start once rank 0 has checked the run
+    # The other ranks start once rank 0 has checked the run. (rank_zero_only reads RANK, LOCAL_RANK or
+    # SLURM_PROCID; a manual multi-node launch sets only NODE_RANK, so the other nodes would pass too.)
+    if rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         identity = {
             "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.train_split,
                         "format": cfg.data.format, "builtin": builtin,
