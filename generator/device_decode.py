@@ -36,6 +36,9 @@ def device_decodable(data: bytes | torch.Tensor) -> bool:
 
     Reads only the marker segments up to the frame header (no decoding).
     """
+    tail = data[-64:].numpy().tobytes() if isinstance(data, torch.Tensor) else data[-64:]
+    if b"\xff\xd9" not in tail:  # no end-of-image marker: cut short; the PIL path skips it as unreadable
+        return False
     if isinstance(data, torch.Tensor):
         data = data[:65536].numpy().tobytes()  # frame headers sit after APPn segments of < 64 KiB each
     if data[:2] != b"\xff\xd8":

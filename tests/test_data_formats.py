@@ -200,7 +200,7 @@ def test_vae_tokenizer_is_refused_by_the_cache(stores, tmp_path):
         build_token_cache(tokenizer=vae, tokenizer_source="vae", dataset=open_split(stores["folder"], "train", resolution=32),
                           out_dir=tmp_path / "c", batch_size=4)
     assert not (tmp_path / "c").exists()
-    json.dumps(vae.config)  # the VAE config is plain JSON (codebook_size None)
+    json.dumps(vae.config.to_dict())  # the VAE config is plain JSON (codebook_size None)
 
 
 # ---------------------------------------------------------------- rFID and reconstruction, every tokenizer kind
@@ -212,9 +212,9 @@ def _rfid_cfg(tokenizer: str, data_root: str, inception_weights, tmp_path, **ext
     conf = str(Path(__file__).resolve().parents[1] / "conf" / "eval")
     # Quoted, as on a command line: braces are Hydra syntax.
     overrides = [f"{k}={v}" for k, v in {
-        "mode": "rfid", "tokenizer": tokenizer, "data_root": f"'{data_root}'", "num_samples": 9, "batch_size": 4,
+        "mode": "rfid", "tokenizer.spec": tokenizer, "data.root": f"'{data_root}'", "num_samples": 9, "batch_size": 4,
         "inception_weights": inception_weights, "state_dir": tmp_path / "state", "out": "null",
-        "accelerator": "cpu", "dtype": "fp32", **extra,
+        "trainer.accelerator": "cpu", "dtype": "fp32", **extra,
     }.items()]
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         return compose(config_name="gfid", overrides=overrides)
@@ -227,16 +227,16 @@ def test_rfid_reads_every_format_with_every_kind(case, store, split, stores, inc
     from eval.gfid import run
 
     d = FIXTURES / case
-    cfg = _rfid_cfg(d / "config.yaml", stores[store], inception_weights, tmp_path, split=split,
-                    tokenizer_checkpoint=d / "tokenizer.bin")
+    cfg = _rfid_cfg(d / "config.yaml", stores[store], inception_weights, tmp_path,
+                    **{"data.split": split, "tokenizer.checkpoint": d / "tokenizer.bin"})
     result = run(cfg)
     # The first 9 images, one of them unreadable: 8 measured, as from the folder.
     assert result["num_images"] == 8 and result["num_skipped"] == 1
     assert np.isfinite(result["fid"]) and 0 < result["psnr"] < 100
     if store != "wds":
         return
-    folder = run(_rfid_cfg(d / "config.yaml", stores["folder"], inception_weights, tmp_path / "f", split="train",
-                           tokenizer_checkpoint=d / "tokenizer.bin"))
+    folder = run(_rfid_cfg(d / "config.yaml", stores["folder"], inception_weights, tmp_path / "f",
+                           **{"data.split": "train", "tokenizer.checkpoint": d / "tokenizer.bin"}))
     assert folder["num_images"] == 8
     assert folder["psnr"] == pytest.approx(result["psnr"], abs=1e-6) and folder["fid"] == pytest.approx(result["fid"], rel=1e-6)
 

@@ -13,16 +13,24 @@ configs set ``resize_shorter_edge == crop_size``, which is the only case this mo
 Bad files never crash a run:
 
 - readable oddities are converted to RGB: grayscale, CMYK, palette, 16-bit ('I;16', and 'I' with
-  values above 255, scaled by 1/257), float ('F' in [0, 1] scaled by 255), and truncated files
-  (the part that decodes is kept, with a warning);
+  values above 255, scaled by 1/257), float ('F' in [0, 1] scaled by 255);
   transparency (RGBA, LA, P or L with a transparent colour) is composited on white, so transparent
   areas look like an empty page rather than whatever colour the file stores under alpha 0;
   images smaller than the crop are upscaled by the resize. EXIF orientation is not applied
   (neither official nor torchvision's ImageFolder do).
-- unreadable files (not an image, corrupt, decompression bomb) make :func:`load_image_rgb` return
-  None with one warning line per file per process; :class:`ImageFolderDataset` (and every
+- unreadable files (not an image, corrupt, truncated, decompression bomb) make
+  :func:`load_image_rgb` return None with one warning line per file per process
+  (``skipping unreadable image <file>: <why>``); :class:`ImageFolderDataset` (and every
   :class:`ImageRecordsDataset`) then returns None for that index and counts the file in
-  ``num_skipped``, and :func:`collate_skip_bad` drops the Nones from the batch.
+  ``num_skipped``, and :func:`collate_skip_bad` drops the Nones from the batch. A truncated file
+  is skipped rather than half decoded (the rest grey), as the official reader does (PIL refuses
+  it and WebDataset's handler skips the sample): a partly grey image would enter the training
+  data or the rFID reference unnoticed. (A caller that set PIL's ``LOAD_TRUNCATED_IMAGES`` gets
+  PIL's lenient decoding instead.)
+- a class folder without images keeps its label, with one warning line naming it: labels are the
+  positions of the sorted folder names, so dropping it would shift every later class by one (an
+  ImageNet tree with one empty wnid folder would then label 'n01443537' as class 0), and a
+  generator or classifier trained on such labels would silently disagree with everything else.
 
 The other stores of ImageNet (Hugging Face datasets, WebDataset shards) are read by
 :mod:`titok_core.formats` through the same loading and preprocessing.
@@ -38,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
-from torch.utils.data import Dataset, default_collate
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import ConcatDataset, Dataset, Subset, default_collate
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +55,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 _warned: set[str] = set()  # paths already warned about in this process
 
 
-def _warn_once(path: str, message: str, *args) -> None:
+def _warn_once(path: str, message: str, *args, logger: logging.Logger | None = None) -> None:
+    """Log one warning about ``path`` (a file, a shard, a sample name), once per process."""
     if path not in _warned:
         _warned.add(path)
-        log.warning(message, *args)
+        (logger or log).warning(message, *args)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -77,33 +86,23 @@ def load_image_rgb(path: str | os.PathLike | bytes, *, name: str | None = None) 
     source = path
     path = name if name is not None else ("<bytes>" if isinstance(source, bytes) else str(source))
 
-    def open_image():
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-
     try:
-        with open_image() as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as im:
             im.load()
             return to_rgb(im)
-    except (OSError, SyntaxError, ValueError, EOFError):  # SyntaxError: Pillow's word for a bad header
-        pass
-    except Exception as e:  # Pillow raises many types (DecompressionBombError, struct.error, ...)
-        _warn_once(path, "skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, DecompressionBombError...)
+        _warn_once(path, "skipping unreadable image %s: %s", path, _why_unreadable(e))
         return None
-    # Most often a truncated file: keep the part that decodes, as a lenient reader would. The flag
-    # is process-wide, so it is set only around this retry (DataLoader workers are processes).
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        with open_image() as im:
-            im.load()
-            img = to_rgb(im)
-        _warn_once(path, "image %s is truncated or damaged; using the part that decodes", path)
-        return img
-    except Exception as e:
-        _warn_once(path, "skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
-        return None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _why_unreadable(exc: BaseException) -> str:
+    """One short phrase for why Pillow could not read a file."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file (or a damaged header)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return "the file is truncated or damaged"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def preprocess(
@@ -255,9 +254,15 @@ class ImageFolderDataset(ImageRecordsDataset):
         classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise FileNotFoundError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
-        self.samples = [(p, label) for label, c in enumerate(classes) for p in _scan(str(self.root / c))]
+        found = [_scan(str(self.root / c)) for c in classes]
+        self.samples = [(p, label) for label, files in enumerate(found) for p in files]
         if not self.samples:
             raise FileNotFoundError(f"no images in the class folders of {self.root}")
+        for label, (c, files) in enumerate(zip(classes, found)):
+            if not files:  # keeps its label: see the module docstring
+                folder = str(self.root / c)
+                _warn_once(folder, "class folder %s has no images; it keeps its label %d (of %d classes)",
+                           folder, label, len(classes))
         super().__init__(
             _FolderRecords(self.samples), classes=classes, resolution=resolution, train=train,
             random_crop=random_crop, random_flip=random_flip, transform=transform,
@@ -304,6 +309,18 @@ class InMemoryImages(Dataset):
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[index])
+
+
+def count_skipped(dataset) -> int | None:
+    """How many unreadable images ``dataset`` has skipped so far (a Subset or ConcatDataset is
+    looked through); None when it does not count them."""
+    if isinstance(dataset, Subset):
+        return count_skipped(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        counts = [count_skipped(d) for d in dataset.datasets]
+        return None if any(c is None for c in counts) else sum(counts)
+    n = getattr(dataset, "num_skipped", None)
+    return None if n is None else int(n)
 
 
 def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:

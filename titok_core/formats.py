@@ -19,7 +19,25 @@ overrides it), and :func:`open_split` opens one split:
 
 Every format decodes images with :func:`titok_core.data.load_image_rgb` and the same
 preprocessing, so the same image bytes give the same tensor in every format; unreadable
-images (or samples without an image or label) are skipped and counted.
+images (or samples without an image or label) are skipped and counted, with one warning line
+naming the file, or the shard and the sample (``<shard>.parquet[<row>]``, ``<shard>.tar:<key>``).
+
+Damaged shards (a download cut short, a disk error) are not images, and each format says so
+in one line naming the shard (:class:`ShardError`):
+
+* parquet: the row index lives in the footer at the end of the file, so a cut file cannot be
+  opened at all; it stops the job when the dataset is opened, before any work is spent, and a
+  row group that cannot be read stops it when reached. Going on without the shard would make a
+  dataset silently smaller (a token cache with a class missing rows, an rFID over fewer images)
+  and the fix is to fetch one file again.
+* WebDataset tar: shards are streamed, so a cut is met only when reading reaches it (a file
+  that ends inside a member, or without the tar end-of-archive block; streams that are not
+  local files are checked for the former only). :meth:`WebDatasetShards.samples` stops there
+  by default (``damaged="stop"``): the token cache and rFID read every sample of every shard
+  and must not come out silently shorter. The endless training stream
+  (:class:`WebDatasetTrainStream`) skips the rest of that shard instead (``damaged="skip"``,
+  one warning line per shard saying so): for training, an epoch with a shard's tail missing is
+  harmless. The samples before the cut are used; the sample in which the cut falls is dropped.
 """
 from __future__ import annotations
 
@@ -28,19 +46,44 @@ import glob
 import logging
 import os
 import random
+import re
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from titok_core.data import IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, load_image_rgb, preprocess
+from titok_core.data import (
+    IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, _warn_once, load_image_rgb, preprocess,
+)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("folder", "hf", "webdataset")
 SPLIT_ALIASES = {"val": "validation", "validation": "val"}  # imagenet-1k on the Hub says "validation"
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS))
+DAMAGED = ("stop", "skip")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read to its end (see the module docstring); the message is one line.
+
+    A DataLoader worker's exception comes back to the main process rebuilt from the worker's
+    whole traceback; the message is then cut back to the original line, so the user still reads
+    one line.
+    """
+
+    def __init__(self, message: str = ""):
+        name = type(self).__name__
+        if message.startswith(f"Caught {name} "):
+            message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
+        super().__init__(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------- detection
@@ -152,7 +195,13 @@ class ParquetRecords:
         total, classes = 0, None
         for fi, f in enumerate(self.files):
             self.file_starts.append(total)
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as exc:  # noqa: BLE001 - pyarrow's errors: ArrowInvalid, OSError, ...
+                raise ShardError(
+                    f"parquet shard {f} cannot be opened, it is truncated or not a parquet file ({_first_line(exc)}); "
+                    "stopping: fetch it again (without it the dataset would be silently smaller)"
+                ) from None
             _check_columns(pf.schema_arrow.names, f)
             if classes is None:
                 try:  # the ClassLabel names that datasets writes into the schema metadata
@@ -180,7 +229,14 @@ class ParquetRecords:
         k = bisect.bisect_right(self.starts, i) - 1
         if self._cached is None or self._cached[0] != self.groups[k]:
             fi, g = self.groups[k]
-            table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["image", "label"])
+            try:
+                table = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["image", "label"])
+            except Exception as exc:  # noqa: BLE001 - pyarrow's errors: ArrowInvalid, OSError, ...
+                raise ShardError(
+                    f"parquet shard {self.files[fi]} is damaged: row group {g} (from row "
+                    f"{self.starts[k] - self.file_starts[fi]}) cannot be read ({_first_line(exc)}); "
+                    "stopping: fetch it again"
+                ) from None
             self._cached = (self.groups[k], table.column("image").to_pylist(), table.column("label").to_pylist())
         _, images, labels = self._cached
         j, fi = i - self.starts[k], self.groups[k][0]
@@ -236,6 +292,51 @@ def webdataset_urls(root: str | os.PathLike, split: str | None) -> list[str]:
     return urls
 
 
+class _Cut(Exception):
+    """A tar stream that ends early or breaks; the message says how."""
+
+
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, not samples
+_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key = the name up to the first dot of its last part
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _tar_files(url: str) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of each regular file of a tar shard, in order; raises _Cut when the
+    archive is cut short or damaged. Python's tarfile ends quietly at a block that is not a
+    header; a local, uncompressed file is therefore also checked for the end-of-archive block."""
+    if _is_local(url):
+        stream = open(url, "rb")
+    else:
+        from webdataset.gopen import gopen
+
+        stream = gopen(url, "rb")
+    with stream:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            while (info := tar.next()) is not None:
+                if info.isreg() and not _TAR_META.match(info.name):
+                    data = tar.extractfile(info).read()
+                    yield info.name, data
+                tar.members = []  # a streamed archive would otherwise keep every header
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            reason = _first_line(exc)
+            raise _Cut("the file ends inside a tar header" if reason in ("empty header", "truncated header")
+                       else reason) from None
+        end = tar.offset
+    if _is_local(url):
+        with open(url, "rb") as f:
+            compressed = f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+            f.seek(end)
+            block = f.read(tarfile.BLOCKSIZE)
+        if not compressed and (len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE):
+            raise _Cut("the file ends before the tar end-of-archive block" if len(block) < tarfile.BLOCKSIZE
+                       else f"no tar header at byte {end}")
+
+
 class WebDatasetShards:
     """WebDataset ``.tar`` shards, streamed one shard at a time.
 
@@ -250,19 +351,50 @@ class WebDatasetShards:
     def __len__(self) -> int:
         return len(self.urls)
 
-    def samples(self, shard: int) -> Iterator[tuple[bytes | None, int | None, str]]:
-        from webdataset.tariterators import tarfile_samples
+    def samples(self, shard: int, *, damaged: str = "stop") -> Iterator[tuple[bytes | None, int | None, str]]:
+        """The samples of tar ``shard`` as (image bytes or None, label or None, ``<url>:<key>``).
 
+        Members are grouped into samples by key as WebDataset does (``<key>.<ext>``, the
+        extension lower-cased). A shard cut short or damaged (see the module docstring): with
+        ``damaged="stop"`` raise :class:`ShardError`; with ``"skip"`` warn once (one line naming
+        the shard and where it breaks) and end this shard's samples there.
+        """
+        if damaged not in DAMAGED:
+            raise ValueError(f"damaged must be one of {', '.join(DAMAGED)}, got {damaged!r}")
         url = self.urls[shard]
-        for sample in tarfile_samples([{"url": url}]):
-            name = f"{url}:{sample.get('__key__')}"
-            image = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
-            label = sample.get("cls")
-            try:
-                label = int(label.decode() if isinstance(label, bytes) else label) if label is not None else None
-            except ValueError:
-                label = None
-            yield image, label, name
+        key, members, done = None, {}, 0
+        try:
+            for fname, data in _tar_files(url):
+                match = _TAR_KEY.match(fname)
+                if match is None:
+                    continue
+                prefix, suffix = match.group(1), match.group(2).lower()
+                if prefix != key:
+                    if members:
+                        yield self._sample(url, key, members)
+                        done += 1
+                    key, members = prefix, {}
+                members.setdefault(suffix, data)
+        except _Cut as cut:
+            where = f"in or after sample {key}" if key is not None else "before its first sample"
+            what = f"WebDataset shard {url} is truncated or damaged {where} ({done} samples read before): {cut}"
+            if damaged == "skip":
+                _warn_once(url, "%s; skipping the rest of this shard", what, logger=log)
+                return
+            raise ShardError(f"{what}; stopping rather than going on with a silently shorter dataset "
+                             "(fetch or write the shard again)") from None
+        if members:
+            yield self._sample(url, key, members)
+
+    @staticmethod
+    def _sample(url: str, key: str, members: dict) -> tuple[bytes | None, int | None, str]:
+        image = next((members[k] for k in _IMAGE_KEYS if k in members), None)
+        label = members.get("cls")
+        try:
+            label = int(label.decode()) if label is not None else None
+        except (ValueError, UnicodeDecodeError):
+            label = None
+        return image, label, f"{url}:{key}"
 
     def decoded(self, shard: int, transform) -> Iterator[tuple[object, int] | None]:
         """(transform(RGB image), label) per sample of ``shard``, or None for a bad sample."""
@@ -273,7 +405,7 @@ class WebDatasetShards:
 def decode_sample(image: bytes | None, label: int | None, name: str, transform):
     """One streamed sample -> (transform(RGB image), label), or None (with a warning) when bad."""
     if image is None or label is None:
-        log.warning("skipping %s: %s", name, "no image member" if image is None else "no .cls label")
+        _warn_once(name, "skipping %s: %s", name, "no image member" if image is None else "no .cls label", logger=log)
         return None
     img = load_image_rgb(image, name=name)  # warns when unreadable
     return None if img is None else (transform(img), label)
@@ -284,7 +416,10 @@ class WebDatasetTrainStream(IterableDataset):
 
     Each epoch, this process's shards (rank r of W takes shards i % W == r, DataLoader worker w
     of K takes every K-th of those) are shuffled, and samples pass through a shuffle buffer.
-    Samples whose name is in ``exclude`` (held-out validation images) are skipped.
+    Samples whose name is in ``exclude`` (held-out validation images) are skipped. A damaged
+    shard is read up to the damage, with one warning (see the module docstring).
+    ``num_skipped``: the distinct bad samples met so far by this rank (all its DataLoader
+    workers together: the counts live in shared memory), each counted once however many epochs.
     """
 
     def __init__(self, shards: WebDatasetShards, *, resolution: int, random_crop: bool = False,
@@ -293,6 +428,11 @@ class WebDatasetTrainStream(IterableDataset):
         self.random_crop, self.random_flip = random_crop, random_flip
         self.buffer_size, self.seed, self.exclude = buffer_size, seed, exclude
         self.classes = shards.classes
+        self._bad = torch.zeros(len(shards), dtype=torch.int64).share_memory_()  # bad samples per shard
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._bad.sum())
 
     def _mine(self) -> list[int]:
         rank, world = 0, 1
@@ -320,11 +460,17 @@ class WebDatasetTrainStream(IterableDataset):
             order, seen = mine[:], 0
             rng.shuffle(order)
             for shard in order:
-                for image, label, name in self.shards.samples(shard):
+                bad = 0
+                for image, label, name in self.shards.samples(shard, damaged="skip"):
                     if name in self.exclude:
                         continue
                     seen += 1
-                    buffer.append(decode_sample(image, label, name, transform))
+                    item = decode_sample(image, label, name, transform)
+                    if item is None:
+                        bad += 1
+                        if bad > self._bad[shard]:  # each pass meets the same samples: count them once
+                            self._bad[shard] = bad
+                    buffer.append(item)
                     if len(buffer) > cap:
                         k = rng.randrange(len(buffer))
                         buffer[k], buffer[-1] = buffer[-1], buffer[k]

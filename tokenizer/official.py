@@ -34,7 +34,7 @@ from torch import nn
 from titok_core.checkpoints import CheckpointError
 
 # Official ViT size names -> (width, depth, heads). "tiny", "micro" and "mini" are not in the
-# official tables: they are the sizes that the parity fixtures (shared/fixtures/official_tiny,
+# official tables: they are the sizes that the parity fixtures (tests/fixtures/official_tiny,
 # tests/fixtures/official_vq8k_tiny and official_vae_tiny) added to them.
 VIT_SIZES = {
     "micro": (24, 2, 2),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from titok_core.builtin import NATIVE_SIZE, make_builtin_dataset
 from titok_core.checkpoints import save_model_file
-from titok_core.data import ImageFolderDataset, InMemoryImages, collate_skip_bad
+from titok_core.data import ImageFolderDataset, InMemoryImages, collate_skip_bad, count_skipped
 from titok_core.formats import WebDatasetShards, WebDatasetTrainStream, decode_sample, has_split, open_split
 from tokenizer.config import check_keys
 from tokenizer.presets import PRESETS, small_image_size, titok_small
@@ -135,7 +135,7 @@ def _webdataset_datasets(cfg: DictConfig, shards: WebDatasetShards, image_size: 
     val_shards = shards if held_out else open_split(root, cfg.data.val_split, data_format=fmt, resolution=image_size)
     val, names = [], set()
     for shard in range(len(val_shards)):
-        for image, label, name in val_shards.samples(shard):
+        for image, label, name in val_shards.samples(shard, damaged="skip"):
             item = decode_sample(image, label, name, partial(preprocess, resolution=image_size))
             if item is not None:
                 val.append(item)
@@ -277,11 +277,14 @@ def train(cfg: DictConfig) -> dict:
     if trainer.interrupted:  # Lightning catches Ctrl-C and returns; the checkpoints so far are complete
         raise KeyboardInterrupt
     global_step = trainer.global_step
+    skipped = count_skipped(train_set)
+    if skipped is not None:
+        (log.warning if skipped else log.info)("%d unreadable training image(s) skipped", skipped)
 
     # Final figures with the weights that get exported.
     metrics = trainer.validate(module, val_loader, verbose=False)[0]
     result = {"run_dir": str(run_dir), "global_step": global_step, "resumed_from_step": resumed_from,
-              "metrics": {k: float(v) for k, v in metrics.items()}}
+              "metrics": {k: float(v) for k, v in metrics.items()}, "num_skipped": skipped}
     if trainer.is_global_zero:
         result.update(figures.write(module, "final"))
         out = run_dir / "tokenizer.safetensors"
