@@ -1,4 +1,5 @@
-"""Evaluation: Inception FID/IS through torch-fidelity, reference statistics, demo classifier."""
+"""Evaluation: Inception features through torch-fidelity, the ADM evaluator's table (eval.adm),
+reference statistics, the demo classifier; ``python -m eval.gfid`` runs them."""
 from eval.fidelity import (
     ADM_REFERENCE_URL,
     INCEPTION_FILENAME,

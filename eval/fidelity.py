@@ -1,4 +1,4 @@
-"""Inception features, FID and Inception Score through torch-fidelity, reference statistics, PSNR/SSIM.
+"""Inception features, FID and Inception Score through torch-fidelity; reference statistics and features.
 
 The network, the TF1-compatible resize to 299 and the metric formulas are torch-fidelity's
 (``inception-v3-compat``, the 2015-12-05 TF Inception that the ADM evaluator and TiTok's
@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -128,8 +130,11 @@ class InceptionFeatures:
         self._synced = False
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor) -> None:
-        """Add a batch: uint8 [B,3,H,W] in [0,255], any H,W (resized to 299 inside, TF1-style)."""
+    def update(self, images: torch.Tensor) -> torch.Tensor:
+        """Add a batch: uint8 [B,3,H,W] in [0,255], any H,W (resized to 299 inside, TF1-style).
+
+        Returns the batch's pool features, float32 [B,2048] on this accumulator's device.
+        """
         if self._synced:
             raise RuntimeError("statistics were already gathered across ranks; call reset() before update()")
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -142,6 +147,7 @@ class InceptionFeatures:
         self.count += images.shape[0]
         if self.keep_logits:
             self._logits.append(out[1].float().cpu())  # (B, 1008)
+        return out[0].float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's accumulated state (for resuming a long evaluation after a kill)."""
@@ -168,8 +174,7 @@ class InceptionFeatures:
         """Gather all ranks' statistics into every rank (no-op without torch.distributed, or twice)."""
         if self._synced or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        # NCCL only moves CUDA tensors; gloo takes them where they are.
-        dev = self.device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+        dev = _collective_device(self.device)
         count = torch.tensor([self.count], dtype=torch.int64, device=dev)
         sums = [self._sum.to(dev), self._outer.to(dev)]
         for t in [count, *sums]:
@@ -177,7 +182,7 @@ class InceptionFeatures:
         self._sum, self._outer = (t.to(self.device) for t in sums)
         self.count = int(count.item())
         if self.keep_logits:
-            self._logits = [_all_gather_rows(self.logits(), dev)]
+            self._logits = [gather_rows(self.logits())]
         self._synced = True
 
     def logits(self) -> torch.Tensor:
@@ -226,8 +231,21 @@ def _full_precision(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
-def _all_gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's [N_r, C] tensor in rank order (N_r may differ); result on the CPU."""
+def _collective_device(device: torch.device) -> torch.device:
+    """Where tensors must be for a collective: NCCL only moves CUDA tensors; gloo takes them where they are."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's [N_r, C] tensor concatenated in rank order (N_r may differ), on the CPU; collective.
+
+    Without torch.distributed (or with one process), ``rows`` on the CPU.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows.cpu()
+    device = _collective_device(rows.device)
     n = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
@@ -259,12 +277,16 @@ def features_to_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------- reference statistics
 
 
-def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict) -> Path:
-    """Write mu float64 [D], sigma float64 [D,D] and a JSON-able ``meta`` dict to an .npz, atomically."""
+def save_reference_stats(
+    path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict, features: np.ndarray | None = None
+) -> Path:
+    """Write mu float64 [D], sigma float64 [D,D], a JSON-able ``meta`` dict and optionally the
+    images' pool features (float32 [N,D], for precision and recall) to an .npz, atomically."""
     mu, sigma = _checked_stats(np.asarray(mu), np.asarray(sigma), str(path))
+    extra = {} if features is None else {"features": np.asarray(features, dtype=np.float32)}
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps({"kind": STATS_KIND, **meta})))
+        np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps({"kind": STATS_KIND, **meta})), **extra)
     return path
 
 
@@ -282,6 +304,12 @@ def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
         return _checked_stats(npz["mu"], npz["sigma"], str(path))
 
 
+def load_reference_features(path: str | os.PathLike) -> np.ndarray | None:
+    """The pool features (float32 [N,2048]) a statistics file holds, or None."""
+    with _open_npz(path) as npz:
+        return npz["features"].astype(np.float32) if "features" in npz.files else None
+
+
 def read_reference_meta(path: str | os.PathLike) -> dict:
     """The meta dict ``save_reference_stats`` stored; {} for files from elsewhere (ADM)."""
     with _open_npz(path) as npz:
@@ -295,6 +323,12 @@ def stats_from_npz_images(
     batch_size: int = 100,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inception statistics of the images in an .npz's 'arr_0' (uint8 [N,H,W,3], the ADM sample format)."""
+    mu, sigma, _ = _npz_image_features(path, weights_path=weights_path, device=device, batch_size=batch_size)
+    return mu, sigma
+
+
+def _npz_image_features(path, *, weights_path, device, batch_size: int, progress: bool = False):
+    """(mu, sigma, features float32 [N,2048]) of the images in an .npz's 'arr_0'."""
     with _open_npz(path) as npz:
         if "arr_0" not in npz.files:
             raise ReferenceStatsError(f"{path} has no 'arr_0' images, keys: {sorted(npz.files)}")
@@ -302,9 +336,11 @@ def stats_from_npz_images(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ReferenceStatsError(f"{path}: 'arr_0' must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
     acc = InceptionFeatures(weights_path, device=device, keep_logits=False)
-    for start in range(0, len(images), batch_size):
-        acc.update(torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2))
-    return acc.fid_stats()
+    features = [
+        acc.update(torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)).cpu()
+        for start in tqdm(range(0, len(images), batch_size), desc="reference images", disable=not progress)
+    ]
+    return *acc.fid_stats(), torch.cat(features).numpy()
 
 
 def reference_stats_from_folder(
@@ -323,7 +359,8 @@ def reference_stats_from_folder(
     Each image is reduced to ``resolution`` x ``resolution`` as the ADM reference batches were
     (box-halve while at least twice the size, bicubic resize of the short side, centre crop).
     ``cache_path`` is reused when its meta matches (folder, image count, resolution, weights);
-    otherwise the statistics are computed and written there atomically.
+    otherwise the statistics, with every image's pool features (for precision and recall; see
+    :func:`load_reference_features`), are computed and written there atomically.
     Returns (mu float64 [2048], sigma float64 [2048,2048]).
     """
     folder = Path(folder).resolve()
@@ -332,24 +369,102 @@ def reference_stats_from_folder(
         raise ReferenceStatsError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     weights = INCEPTION_FILENAME if weights_path is None else Path(weights_path).name
     meta = {"folder": str(folder), "num_images": len(paths), "resolution": resolution, "weights": weights,
-            "torch_fidelity": torch_fidelity.__version__}
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        cached = read_reference_meta(cache_path)
-        if all(cached.get(k) == v for k, v in meta.items() if k != "torch_fidelity"):
-            log.info("reference statistics: reusing %s", cache_path)
-            return load_reference_stats(cache_path)
-        log.info("reference statistics: %s does not match (%s), recomputing", cache_path, cached)
+            "features": FEATURE_DIM, "torch_fidelity": torch_fidelity.__version__}
+    cached = _cached_stats(cache_path, meta)
+    if cached is not None:
+        return cached
 
     acc = InceptionFeatures(weights_path, device=device, keep_logits=False)
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, resolution), batch_size=batch_size, num_workers=num_workers, shuffle=False
     )
-    for images in tqdm(loader, desc="reference statistics", disable=not progress):
-        acc.update(images)
+    features = [acc.update(images).cpu() for images in tqdm(loader, desc="reference statistics", disable=not progress)]
     mu, sigma = acc.fid_stats()
-    save_reference_stats(cache_path, mu, sigma, meta)
+    save_reference_stats(cache_path, mu, sigma, meta, torch.cat(features).numpy())
     return mu, sigma
+
+
+def _cached_stats(cache_path: str | os.PathLike, meta: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The statistics in ``cache_path`` when its meta matches ``meta`` (the torch-fidelity version aside), else None."""
+    cache_path = Path(cache_path)
+    if not cache_path.is_file():
+        return None
+    cached = read_reference_meta(cache_path)
+    if all(cached.get(k) == v for k, v in meta.items() if k != "torch_fidelity"):
+        log.info("reference statistics: reusing %s", cache_path)
+        return load_reference_stats(cache_path)
+    log.info("reference statistics: %s does not match (%s), recomputing", cache_path, cached)
+    return None
+
+
+def reference_features_from_npz(
+    path: str | os.PathLike, cache_path: str | os.PathLike, *, weights_path: str | os.PathLike | None = None,
+    device: str = "cpu", batch_size: int = 100, progress: bool = False,
+) -> np.ndarray:
+    """The pool features (float32 [N,2048]) of the images in a reference .npz's 'arr_0', cached.
+
+    ``cache_path`` (statistics and features, as a folder's) is reused when its meta matches (the
+    file, its size and image count, the weights); otherwise it is computed and written there.
+    """
+    path = Path(path).resolve()
+    shape = _npz_array_shape(path, "arr_0")
+    weights = INCEPTION_FILENAME if weights_path is None else Path(weights_path).name
+    meta = {"npz": str(path), "bytes": path.stat().st_size, "num_images": int(shape[0]), "weights": weights,
+            "features": FEATURE_DIM, "torch_fidelity": torch_fidelity.__version__}
+    if _cached_stats(cache_path, meta) is None:
+        mu, sigma, features = _npz_image_features(path, weights_path=weights_path, device=device,
+                                                  batch_size=batch_size, progress=progress)
+        save_reference_stats(cache_path, mu, sigma, meta, features)
+    return load_reference_features(cache_path)
+
+
+@dataclass
+class ReferenceBatch:
+    """What the generator is measured against: FID statistics and, where the reference has images, their features."""
+
+    mu: np.ndarray  # float64 [2048]
+    sigma: np.ndarray  # float64 [2048, 2048]
+    features: np.ndarray | None  # float32 [N, 2048] pool features of the reference images; None: statistics only
+    stats_from: str  # "file" (the reference's own mu/sigma, e.g. the ADM file's) or the cache they were computed into
+
+
+def load_reference(
+    reference: str | os.PathLike, *, cache: str | os.PathLike | None = None, resolution: int = 256,
+    weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu", progress: bool = False,
+) -> ReferenceBatch:
+    """The reference of a gFID run, as the ADM evaluator reads its reference batch.
+
+    An .npz: its ``mu``/``sigma`` where present (the ADM VIRTUAL_imagenet256_labeled.npz holds
+    the TF graph's), and the pool features of its ``arr_0`` images (10,000 in the ADM file),
+    computed once with our Inception and cached at ``cache`` (default: ``<name>.inception.npz``
+    beside it); without ``mu``/``sigma``, the statistics of those images. A folder: statistics
+    and features of its images at ``resolution`` (see :func:`reference_stats_from_folder`),
+    cached at ``cache`` (default: ``<folder>.fid_stats_<resolution>.npz`` beside it).
+    """
+    path = Path(reference)
+    opts = dict(weights_path=weights_path, device=str(device), progress=progress)
+    if path.is_dir():
+        cache = Path(cache) if cache else path.parent / f"{path.name}.fid_stats_{resolution}.npz"
+        mu, sigma = reference_stats_from_folder(path, cache, resolution=resolution, **opts)
+        return ReferenceBatch(mu, sigma, load_reference_features(cache), str(cache))
+    with _open_npz(path) as npz:
+        keys = set(npz.files)
+    cache = Path(cache) if cache else path.with_name(f"{path.stem}.inception.npz")
+    features = reference_features_from_npz(path, cache, **opts) if "arr_0" in keys else None
+    if {"mu", "sigma"} <= keys or features is None:
+        return ReferenceBatch(*load_reference_stats(path), features, "file")
+    return ReferenceBatch(*load_reference_stats(cache), features, str(cache))
+
+
+def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
+    """The shape of one array of an .npz, read from its header (the array itself is not loaded)."""
+    with _open_npz(path) as npz:
+        if name not in npz.files:
+            raise ReferenceStatsError(f"{path} has no '{name}', keys: {sorted(npz.files)}")
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read_header(f)[0]
 
 
 def _open_npz(path: str | os.PathLike):

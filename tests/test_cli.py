@@ -236,6 +236,21 @@ def test_gfid_missing_reference_and_weights(tiny, tmp_path, inception_weights, r
     assert_one_line_error(proc, "no-inception.pth")
 
 
+@pytest.mark.parametrize("old, new", [
+    ("checkpoint=g.bin", "generator.checkpoint=g.bin"), ("tokenizer=titok_l32", "tokenizer.spec=titok_l32"),
+    ("data_root=/val", "data.root=/val"), ("split=val", "data.split=val"), ("num_steps=8", "sampling.num_steps=8"),
+    ("accelerator=cpu", "trainer.accelerator=cpu"), ("devices=8", "trainer.devices=8"),
+])
+def test_gfid_old_spellings_name_the_new_key(old, new):
+    from eval.gfid import RENAMED, SCALAR_GROUPS
+    from titok_core.cli import UsageError, check_command_line
+
+    with pytest.raises(UsageError) as info:
+        check_command_line([old], config_dir=REPO / "conf" / "eval", config_name="gfid", renamed=RENAMED,
+                           scalar_groups=SCALAR_GROUPS)
+    assert "\n" not in str(info.value) and new in str(info.value)
+
+
 def test_gfid_rfid(tiny, tmp_path, inception_weights):
     write_pngs(tmp_path / "val", 6)
     proc = run_cli(

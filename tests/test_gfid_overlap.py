@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats, save_reference_stats
-from titok_core.images import to_uint8
-from eval.gfid import class_balanced_labels, run
+from eval.gfid import run
+from eval.samples import class_balanced_labels, pipeline_from_config
 from sampling import sample_tokens
-from sampling.pipeline import load_pipeline
+from titok_core.images import to_uint8
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
 
@@ -25,9 +25,9 @@ def reference(tmp_path_factory) -> Path:
 def _cfg(official_tiny, reference, inception_weights, **overrides):
     fx = official_tiny
     args = {
-        "mode": "inception", "generator": fx / "generator_imagebert" / "config.yaml",
-        "checkpoint": fx / "generator_imagebert" / "generator.bin", "tokenizer": fx / "tokenizer" / "config.yaml",
-        "tokenizer_checkpoint": fx / "tokenizer" / "tokenizer.bin", "reference": reference,
+        "mode": "inception", "generator.spec": fx / "generator_imagebert" / "config.yaml",
+        "generator.checkpoint": fx / "generator_imagebert" / "generator.bin", "tokenizer.spec": fx / "tokenizer" / "config.yaml",
+        "tokenizer.checkpoint": fx / "tokenizer" / "tokenizer.bin", "reference": reference,
         "inception_weights": inception_weights, "num_samples": 20, "batch_size": 10, "state_dir": "null",
         "out": "null", "seed": 3, **overrides,
     }
@@ -36,13 +36,12 @@ def _cfg(official_tiny, reference, inception_weights, **overrides):
 
 
 def test_pipelined_gfid_equals_the_plain_loop(official_tiny, reference, inception_weights):
-    cfg = _cfg(official_tiny, reference, inception_weights, accelerator="cpu", dtype="fp32")
+    cfg = _cfg(official_tiny, reference, inception_weights, **{"trainer.accelerator": "cpu"}, dtype="fp32")
     result = run(cfg)
     assert result["overlap"] is True and result["num_samples"] == 20 and result["loop_seconds"] > 0
 
     # The loop eval.gfid ran before the stages were split: batch b with seed * 1_000_003 + b.
-    pipe = load_pipeline(generator=cfg.generator, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
-                         tokenizer_checkpoint=cfg.tokenizer_checkpoint)
+    pipe = pipeline_from_config(cfg)
     acc = InceptionFeatures(inception_weights)
     labels = class_balanced_labels(20, pipe.generator.num_classes)
     for b, start in enumerate(range(0, 20, 10)):

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from eval.gfid import run
+    from eval.samples import pipeline_from_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or a config)")
@@ -90,20 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         def cfg(num_samples: int, overlap: bool):
             overrides = [
-                "mode=inception", f"generator={args.preset}", f"num_samples={num_samples}",
+                "mode=inception", f"generator.spec={args.preset}", "random_weights=true", f"num_samples={num_samples}",
                 f"batch_size={args.batch_size}", f"dtype={args.dtype}", f"reference={reference}",
                 f"inception_weights={inception}", "state_dir=null", "out=null", f"overlap={overlap}",
                 f"sampler_compile={args.sampler_compile}", f"decoder_compile={args.decoder_compile}",
-                "accelerator=" + ("gpu" if device.type == "cuda" else "cpu"),
+                "trainer.accelerator=" + ("gpu" if device.type == "cuda" else "cpu"),
             ]
-            for key in ("checkpoint", "tokenizer", "tokenizer_checkpoint"):
-                value = getattr(args, key)
+            for key, value in (("generator.checkpoint", args.checkpoint), ("tokenizer.spec", args.tokenizer),
+                               ("tokenizer.checkpoint", args.tokenizer_checkpoint)):
                 if value is not None:
                     overrides.append(f"{key}={value}")
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
                 return compose("gfid", overrides=overrides)
 
-        pipe = _pipeline(cfg(warmup, True))  # one pipeline for every run: compiled once
+        pipe = pipeline_from_config(cfg(warmup, True))  # one pipeline for every run: compiled once
         if warmup:
             run(cfg(warmup, True), pipe)
         if device.type == "cuda":
@@ -127,20 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _pipeline(cfg):
-    from sampling.pipeline import SAMPLING_KEYS, load_pipeline
-
-    return load_pipeline(generator=cfg.generator, checkpoint=cfg.checkpoint, tokenizer=cfg.tokenizer,
-                         tokenizer_checkpoint=cfg.tokenizer_checkpoint, sampling={k: cfg[k] for k in SAMPLING_KEYS})
-
-
 def _probe(cfg, pipe, args, device: torch.device) -> dict:
     """The largest batch for which one batch goes through sampling, decoding and Inception."""
-    from eval.fidelity import InceptionFeatures, to_uint8
-    from eval.gfid import _sampler_and_decoder
+    from eval.fidelity import InceptionFeatures
+    from eval.samples import sampler_and_decoder
+    from titok_core.images import to_uint8
     from titok_core.runtime import autocast
 
-    sampler, decoder = _sampler_and_decoder(pipe, cfg)
+    sampler, decoder = sampler_and_decoder(pipe, cfg)
     acc = InceptionFeatures(cfg.inception_weights, device=device)
 
     def one_batch(b: int) -> None:

@@ -70,6 +70,15 @@ def default_run_dir(*, package: str, name: str, root: str | os.PathLike, builtin
     return Path("runs") / package / (name if at_home else f"{name}-{dataset_slug(root)}")
 
 
+def file_identity(path: str | os.PathLike | None) -> dict | None:
+    """A model or reference file as path, size and modification time: a file retrained or replaced
+    in place is another file (None for no path, or a name that is not a file, such as a preset)."""
+    if path is None or not Path(os.fspath(path)).is_file():
+        return None
+    st = Path(os.fspath(path)).stat()
+    return {"path": os.path.abspath(os.fspath(path)), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def dataset_fingerprint(root: str | os.PathLike, split: str | None = None) -> dict:
     """A cheap fingerprint of the files of a dataset: how many, and a hash of their names and sizes.
 

@@ -1,0 +1,130 @@
+"""``eval.gfid mode=demo`` (the default without a checkpoint): the demo generator judged by two
+classifiers trained on the real demo images: class accuracy, a FID in the demo classifier's
+feature space, precision/recall there, and by shape alone (a colour-blind classifier)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from eval.adm import precision_recall
+from eval.samples import class_balanced_labels, pipeline_from_config
+from sampling import sample_tokens
+from titok_core.images import save_png, to_uint8
+from titok_core.metrics import psnr
+from titok_core.runtime import autocast
+
+
+def token_entropy(tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes and positions of the entropy (bits) of the tokens seen there.
+
+    tokens int64 [N,L], labels int64 [N]. A diversity gauge for samples: compare it with the
+    same statistic of as many real images' tokens (per class); samples that all look alike
+    score far lower. Biased low for small counts, so compare equal counts only.
+    """
+    values = []
+    for c in labels.unique():
+        t = tokens[labels == c]  # (n, L)
+        for column in t.T:
+            p = torch.bincount(column).float()
+            p = p[p > 0] / len(column)
+            values.append(float(-(p * p.log2()).sum()))
+    return sum(values) / max(1, len(values))
+
+
+def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
+    """The demo domain, judged by two independent classifiers trained on the real images.
+
+    The demo classifier gives class accuracy, a FID on its features and precision/recall in its
+    feature space; the colour-blind classifier (:func:`eval.demo_classifier.colour_blind`) must
+    recognise each sample by its shape alone, since every demo class also has its own colour.
+    """
+    from eval.demo_classifier import DEMO_FID_LABEL, classifier_fid, load_demo_classifier, load_split
+
+    pipe = pipeline_from_config(cfg).to(device)
+    data = pipe.extra.get("data", {})
+    root = cfg.data.root or data.get("root")
+    builtin = data.get("builtin") or ("demo" if data.get("demo") else None)
+    if root and builtin and not cfg.data.root and not (Path(root) / "train").is_dir():
+        from titok_core.builtin import make_builtin_dataset
+
+        make_builtin_dataset(builtin, root, size=pipe.tokenizer.image_size)  # a fresh directory: make it again
+    if not root or not (Path(root) / "train").is_dir():
+        raise FileNotFoundError(f"demo data not found at {root}: pass data.root=... (the folder with train/ and val/)")
+    res = pipe.tokenizer.image_size
+    classifier = load_demo_classifier(root, device=str(device), steps=cfg.classifier_steps, resolution=res)
+    shape_judge = load_demo_classifier(root, device=str(device), colour_blind=True, steps=cfg.colour_blind_steps,
+                                       resolution=res)
+    num_classes = pipe.generator.num_classes
+
+    def hits(judge, images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per class, how many of ``images`` the judge puts in their class ``y``: float [num_classes]."""
+        y = y.cpu()
+        return torch.bincount(y[judge.classify(images).argmax(-1).cpu() == y], minlength=num_classes).float()
+
+    labels = class_balanced_labels(cfg.demo_per_class * num_classes, num_classes)
+    rng = torch.Generator(device=device).manual_seed(cfg.seed)
+    feats, correct, shape_correct, sampled = [], torch.zeros(num_classes), torch.zeros(num_classes), []
+    for start in tqdm(range(0, len(labels), cfg.batch_size), desc="demo samples", unit="batch", disable=None):
+        y = labels[start : start + cfg.batch_size].to(device)
+        with torch.inference_mode(), autocast(device, cfg.dtype):
+            tokens = sample_tokens(pipe.generator, y, rng=rng, **pipe.sampling)
+            images = pipe.tokenizer.decode(tokens).float()
+        sampled.append(tokens.cpu())
+        images = to_uint8(images).float() / 255  # judged as saved
+        correct += hits(classifier, images, y)
+        shape_correct += hits(shape_judge, images, y)
+        feats.append(classifier.features(images).cpu())
+        if cfg.save_images and start == 0:
+            save_png(images, Path(cfg.save_images) / "demo_samples.png")
+    val_images, val_labels = load_split(root, "val", resolution=classifier.resolution, classes=classifier.classes)
+    real = classifier.features(val_images.float() / 255).cpu()
+    with torch.inference_mode():
+        real_tokens = torch.cat([pipe.tokenizer.encode(part.to(device).float() / 255).cpu()
+                                 for part in val_images.split(cfg.batch_size)])
+    n = min(int(torch.bincount(val_labels).min()), cfg.demo_per_class)  # equal counts per class for both
+    # The tokenizer's ceiling: what the judges make of its reconstructions of the real val images.
+    # A sample cannot keep a shape that the tokenizer's decoder never draws.
+    recon_correct, recon_shape, recon_psnr = torch.zeros(num_classes), torch.zeros(num_classes), 0.0
+    for part, part_tokens, y in zip(val_images.split(cfg.batch_size), real_tokens.split(cfg.batch_size),
+                                    val_labels.split(cfg.batch_size)):
+        with torch.inference_mode(), autocast(device, cfg.dtype):
+            recon = to_uint8(pipe.tokenizer.decode(part_tokens.to(device)).float()).float() / 255
+        recon_psnr += float(psnr(part.to(device).float() / 255, recon).sum())
+        recon_correct += hits(classifier, recon, y)
+        recon_shape += hits(shape_judge, recon, y)
+    val_counts = torch.bincount(val_labels, minlength=num_classes).clamp(min=1).float()
+
+    def first_n(y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nonzero(y == c).flatten()[:n] for c in range(num_classes)])
+
+    fake_keep, real_keep = first_n(labels), first_n(val_labels)
+    train_images, _ = load_split(root, "train", resolution=classifier.resolution, classes=classifier.classes)
+    # An evenly strided subset (the split is ordered by class) the size of val: real-vs-real scale.
+    step = max(1, len(train_images) // len(val_images))
+    train_feats = classifier.features(train_images[::step][: len(val_images)].float() / 255).cpu()
+    per_class = (correct / cfg.demo_per_class).tolist()
+    fake = torch.cat(feats)
+    precision, recall = precision_recall(fake, real)
+    real_precision, real_recall = precision_recall(train_feats, real)
+    return {
+        "metric": "demo", "class_accuracy": float(correct.sum()) / len(labels), "per_class_accuracy": per_class,
+        "colour_blind_accuracy": float(shape_correct.sum()) / len(labels),
+        "colour_blind_per_class_accuracy": (shape_correct / cfg.demo_per_class).tolist(),
+        "colour_blind_val_accuracy": shape_judge.config.get("val_accuracy"),
+        "classifier_fid": classifier_fid(real, fake),
+        "classifier_fid_real_train_vs_val": classifier_fid(real, train_feats),
+        "precision": precision, "recall": recall,
+        "token_entropy_bits": token_entropy(torch.cat(sampled)[fake_keep], labels[fake_keep]),
+        "token_entropy_bits_real_val": token_entropy(real_tokens[real_keep], val_labels[real_keep]),
+        "precision_recall_real_train_vs_val": [real_precision, real_recall],
+        "fid_label": DEMO_FID_LABEL, "classifier_val_accuracy": classifier.config.get("val_accuracy"),
+        "num_samples": len(labels), "model": pipe.source, "sampling": pipe.sampling, "seed": cfg.seed,
+        "data_root": str(root), "generator_step": pipe.extra.get("global_step"),
+        "reconstruction_psnr": recon_psnr / len(val_labels),
+        "reconstruction_class_accuracy": float(recon_correct.sum()) / len(val_labels),
+        "reconstruction_colour_blind_accuracy": float(recon_shape.sum()) / len(val_labels),
+        "reconstruction_colour_blind_per_class_accuracy": (recon_shape / val_counts).tolist(),
+    }
