@@ -3,7 +3,8 @@
 Each image is tokenized as is and horizontally flipped (two sequences, as the official
 pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a finished cache directory::
 
-    manifest.json   format, tokenizer identity (source, config, fingerprint), resolution,
+    manifest.json   format, tokenizer identity (source, config, fingerprint), dataset identity
+                    (absolute root, split, format, a fingerprint of its files), resolution,
                     image and sequence counts, class names
     tokens.npy      uint16 [M, L]  read with np.load(mmap_mode="r")
     labels.npy      int32  [M]
@@ -12,7 +13,15 @@ While it is being built, ``shards/shard_XXXXXX.npz`` hold one batch each, writte
 atomically: a kill loses at most the batch in flight and a rerun resumes. Shard i covers
 dataset indices [i*S, (i+1)*S); rank r of W builds the shards with i % W == r, and rank 0
 merges them into the flat arrays once all exist. ``manifest.json`` is written last, so a
-directory with a manifest is complete.
+directory with a manifest is complete. ``shards/plan.json`` records what the half-built cache is
+made of (tokenizer, dataset, batch size, flips): a rerun with anything else stops instead of
+mixing two caches.
+
+Reading a cache checks it against what asks for it (:func:`check_cache`): another tokenizer,
+resolution, flip setting or dataset stops with one line (CacheMismatchError), and so does a
+tokens.npy / labels.npy that is missing, truncated, or of another length or dtype than the
+manifest says. A manifest written before caches recorded their dataset is checked for the rest
+only (a warning says so).
 
 Streamed WebDataset shards (:class:`titok_core.formats.WebDatasetShards`) have no index:
 rank r of W streams the tar shards with i % W == r, and batch c of tar i (its samples
@@ -38,7 +47,6 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from generator.device_decode import EncodedImages, collate_encoded, decode_batch
 from titok_core.checkpoints import atomic_path
 from titok_core.data import ImageFolderDataset, preprocess
 from titok_core.formats import WebDatasetShards, decode_sample
@@ -49,12 +57,73 @@ FORMAT = "titok-gen-token-cache/1"
 
 
 class CacheMismatchError(ValueError):
-    """A cache made by another tokenizer or for another resolution; one-line message."""
+    """A cache made by another tokenizer, for another resolution or from another dataset, or whose
+    files do not match its manifest; one-line message."""
+
+
+def _files_fingerprint(paths: list[str]) -> dict:
+    """How many files and a hash of their names and sizes (remote URLs: the name only), as
+    :func:`titok_core.runs.dataset_fingerprint` does for a folder."""
+    h = hashlib.sha256()
+    for path in paths:
+        local = "://" not in path and not path.startswith("pipe:")
+        size = os.path.getsize(path) if local and os.path.isfile(path) else -1
+        h.update(f"{os.path.basename(path) if local else path}\0{size}\n".encode())
+    return {"files": len(paths), "sha256": h.hexdigest()[:16]}
+
+
+def dataset_identity(root: str | os.PathLike, split: str | None, data_format: str = "auto") -> dict:
+    """What a cache records of its dataset: absolute root, split, format and a cheap fingerprint of
+    the files the split is read from (names and sizes, no contents; see
+    :func:`titok_core.runs.dataset_fingerprint`). Two caches of the same split of the same files agree."""
+    from titok_core.formats import _check_format, _split_files, webdataset_urls
+    from titok_core.runs import dataset_fingerprint
+
+    fmt = _check_format(data_format, root)
+    text = os.fspath(root)
+    absolute = text if "://" in text else os.path.abspath(text)
+    if fmt == "webdataset":
+        files = _files_fingerprint(webdataset_urls(root, split))
+    elif fmt == "hf" and not (Path(text).is_dir() and ((Path(text) / "dataset_dict.json").is_file()
+                                                     or (Path(text) / "state.json").is_file())):
+        # parquet files: those of the split only, as the dataset reads them
+        path = Path(text)
+        if path.is_file():
+            paths = [path]
+        elif path.is_dir():
+            paths = _split_files(sorted(path.rglob("*.parquet")), split, path)
+        else:
+            import glob
+
+            paths = [Path(f) for f in sorted(glob.glob(text, recursive=True)) if f.endswith(".parquet")]
+        files = _files_fingerprint([str(p) for p in paths])
+    else:
+        files = dataset_fingerprint(root, split)
+    return {"root": absolute, "split": split, "format": fmt, **files}
+
+
+def _identity_of(dataset) -> dict | None:
+    """The identity of a dataset opened by :func:`titok_core.formats.open_split` without a known split
+    (its root is then the split itself); None for one that is not read from files."""
+    root, fmt = getattr(dataset, "root", None), getattr(dataset, "data_format", None)
+    if fmt is None and isinstance(dataset, ImageFolderDataset):
+        fmt = "folder"
+    if root is None or fmt is None:
+        return None
+    if isinstance(dataset, WebDatasetShards):
+        text = os.fspath(root)
+        return {"root": text if "://" in text else os.path.abspath(text), "split": None, "format": fmt,
+                **_files_fingerprint(list(dataset.urls))}
+    return dataset_identity(root, None, fmt)
 
 
 def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
-    """sha256 over the tokenizer config and every weight: two caches agree iff this agrees."""
-    h = hashlib.sha256(json.dumps(tokenizer.config, sort_keys=True).encode())
+    """sha256 over the tokenizer config and every weight: two caches agree iff this agrees.
+
+    The config is hashed in its complete, canonical form (TiTokConfig, every field, sorted keys),
+    so the same weights give the same fingerprint however the config was spelt (a preset, an
+    official config, a file written before a key was renamed, one saved today)."""
+    h = hashlib.sha256(json.dumps(tokenizer.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(tokenizer.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
@@ -91,6 +160,8 @@ DECODERS = ("pil", "device")
 
 def _on_device(batch, *, dataset, resolution: int, device: torch.device):
     """A batch of file bytes (decode="device") -> (images on the device, labels, kept), as _collate."""
+    from generator.device_decode import decode_batch  # torchvision: imported only when asked for
+
     encoded, labels, indices = batch
 
     def pil_path(j: int):
@@ -128,6 +199,8 @@ def build_shards(
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     batches = _ShardBatches(pending, batch_size, n)
     if decode == "device":
+        from generator.device_decode import EncodedImages, collate_encoded
+
         loader = DataLoader(EncodedImages(dataset), batch_sampler=batches, num_workers=num_workers,
                             collate_fn=collate_encoded)
     else:
@@ -294,14 +367,17 @@ def merge_shards(
 
 def cache_manifest(
     *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset, resolution: int, flip: bool = True,
-    decode: str = "pil",
+    decode: str = "pil", data: dict | None = None,
 ) -> dict:
-    """The identity a cache records and is checked against (``decode`` is recorded, not checked)."""
+    """The identity a cache records and is checked against (``decode`` is recorded, not checked).
+
+    data: the dataset's :func:`dataset_identity` (root, split, format, files); None: taken from
+    ``dataset`` itself (its root and format, no split), or none for data not read from files."""
     stream = isinstance(dataset, WebDatasetShards)
     return {
         "format": FORMAT,
         "tokenizer": {
-            "source": tokenizer_source, "config": tokenizer.config, "fingerprint": tokenizer_fingerprint(tokenizer),
+            "source": tokenizer_source, "config": tokenizer.config.to_dict(), "fingerprint": tokenizer_fingerprint(tokenizer),
         },
         "resolution": resolution,
         "num_tokens": tokenizer.num_tokens,
@@ -310,23 +386,68 @@ def cache_manifest(
         "classes": list(getattr(dataset, "classes", [])),
         "dataset_root": str(getattr(dataset, "root", "")),
         "data_format": getattr(dataset, "data_format", "folder" if isinstance(dataset, ImageFolderDataset) else None),
+        "data": data if data is not None else _identity_of(dataset),
         "flip": bool(flip),
         "decode": decode,
     }
 
 
+def _read_npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, bytes the array should take in the file) of a .npy file, reading its header only."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+        offset = f.tell()
+    return shape, dtype, offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _check_array(path: Path, *, dtype, shape: tuple) -> None:
+    """CacheMismatchError (one line naming ``path``) unless it is a whole .npy of ``dtype`` and ``shape``."""
+    if not path.is_file():
+        raise CacheMismatchError(f"token cache file {path} is missing (the manifest says the cache is finished); "
+                                 "delete the cache directory and build it again")
+    try:
+        got_shape, got_dtype, want_size = _read_npy_header(path)
+    except Exception as exc:  # noqa: BLE001 - any header the reader refuses is a bad file
+        raise CacheMismatchError(f"token cache file {path} is not a readable .npy ({exc}); "
+                                 "delete the cache directory and build it again") from None
+    problems = []
+    if got_dtype != np.dtype(dtype):
+        problems.append(f"dtype {got_dtype}, the manifest says {np.dtype(dtype)}")
+    if tuple(got_shape) != tuple(shape):
+        problems.append(f"shape {tuple(got_shape)}, the manifest says {tuple(shape)}")
+    size = path.stat().st_size
+    if not problems and size != want_size:
+        problems.append(f"{size} bytes, its header says {want_size}" + (" (truncated)" if size < want_size else ""))
+    if problems:
+        raise CacheMismatchError(f"token cache file {path} does not match its manifest: {'; '.join(problems)}; "
+                                 "delete the cache directory and build it again")
+
+
 def check_cache(
     out_dir: str | os.PathLike, *, fingerprint: str | None = None, resolution: int | None = None,
-    flip: bool | None = None,
+    flip: bool | None = None, data: dict | None = None,
 ) -> dict:
-    """Read a finished cache's manifest; refuse one made by another tokenizer, resolution or flip setting."""
+    """Read a finished cache's manifest; refuse one made by another tokenizer, resolution, flip
+    setting or dataset (``data``: a :func:`dataset_identity`), and one whose tokens.npy / labels.npy
+    are missing, truncated, or of another shape or dtype than the manifest says. Returns the manifest."""
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no finished token cache at {out_dir} (manifest.json missing)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise CacheMismatchError(f"{out_dir} is not a {FORMAT} cache (format {manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheMismatchError(f"token cache manifest {path} is not readable JSON ({exc}); "
+                                 "delete the cache directory and build it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CacheMismatchError(f"{out_dir} is not a {FORMAT} cache (format {got!r})")
     made_by = manifest["tokenizer"]["fingerprint"]
     if fingerprint is not None and made_by != fingerprint:
         raise CacheMismatchError(
@@ -341,41 +462,79 @@ def check_cache(
         raise CacheMismatchError(
             f"token cache {out_dir} was made with flip={manifest.get('flip', True)}, not flip={flip}"
         )
+    if data is not None:
+        made_from = manifest.get("data")
+        if made_from is None:
+            log.warning("token cache %s does not record its dataset (made before caches did, or from data not read "
+                        "from files): it is checked for the tokenizer, resolution and flips only", out_dir)
+        else:
+            _refuse_other_dataset(made_from, data, where=f"token cache {path} was made from another dataset")
+    _check_array(out_dir / "tokens.npy", dtype=np.uint16,
+                 shape=(manifest["num_sequences"], manifest["num_tokens"]))
+    _check_array(out_dir / "labels.npy", dtype=np.int32, shape=(manifest["num_sequences"],))
     return manifest
+
+
+def _refuse_other_dataset(old: dict, new: dict, *, where: str) -> None:
+    """CacheMismatchError naming every field of two dataset identities that differs (paths whole)."""
+    diff = [f"{k} (was {old.get(k)}, now {new.get(k)})" for k in ("root", "split", "format", "files", "sha256")
+            if old.get(k) != new.get(k)]
+    diff += [f"{k} (was {old.get(k)}, now {new.get(k)})" for k in sorted(set(old) | set(new))
+             if k not in ("root", "split", "format", "files", "sha256") and old.get(k) != new.get(k)]
+    if diff:
+        raise CacheMismatchError(f"{where}: {'; '.join(diff)}; delete it or use another cache.dir")
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporary files a killed write left behind (``.<name>.*.tmp`` of atomic_path); they are never read."""
+    for folder in (out_dir, out_dir / "shards"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def build_token_cache(
     *, tokenizer: torch.nn.Module, tokenizer_source: str, dataset: Dataset, out_dir: str | os.PathLike,
     batch_size: int = 64, device: torch.device | str = "cpu", dtype: str = "auto", num_workers: int = 0,
-    fabric=None, flip: bool = True, decode: str = "pil", compile: bool = False,
+    fabric=None, flip: bool = True, decode: str = "pil", compile: bool = False, data: dict | None = None,
 ) -> dict:
     """Build (or resume, or reuse) a cache; returns its manifest.
+
+    data: the dataset's :func:`dataset_identity` (what ``dataset`` was opened from: root, split,
+    format), recorded in the manifest and checked when the cache exists; None: taken from the
+    dataset object (see :func:`cache_manifest`).
 
     With a launched ``lightning.Fabric``, every rank builds its own shards on its own device
     and rank 0 merges them; without one, this process does everything. decode, compile: see
     :func:`build_shards`.
     """
-    from tokenizer import require_vq
+    from tokenizer import require_discrete
 
-    require_vq(tokenizer, "a token cache for MaskGIT training")
+    require_discrete(tokenizer, "a token cache for MaskGIT training")
     rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
         tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, resolution=tokenizer.image_size,
-        flip=flip, decode=decode,
+        flip=flip, decode=decode, data=data,
     )
     fingerprint = manifest["tokenizer"]["fingerprint"]
+    check = partial(check_cache, out_dir, fingerprint=fingerprint, resolution=manifest["resolution"], flip=flip,
+                    data=manifest["data"])
     if (Path(out_dir) / "manifest.json").is_file():
-        return check_cache(out_dir, fingerprint=fingerprint, resolution=manifest["resolution"], flip=flip)
+        found = check()
+        # A kill after the manifest was written but before the shards were removed leaves them: drop them.
+        shutil.rmtree(Path(out_dir) / "shards", ignore_errors=True)
+        return found
     # Another job may be building this very cache (a sweep started at once): wait for it, then take
     # its result or resume what it left. The ranks of one Fabric job share out the work instead.
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{out_dir}.lock") if fabric is None else contextlib.nullcontext():
         if (Path(out_dir) / "manifest.json").is_file():
-            return check_cache(out_dir, fingerprint=fingerprint, resolution=manifest["resolution"], flip=flip)
+            return check()
         stream = isinstance(dataset, WebDatasetShards)
         if rank == 0:
             _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
+            _remove_leftovers(Path(out_dir))  # the other ranks wait at the barrier: nothing is being written
         barrier()
         if stream:
             build_stream_shards(
@@ -393,23 +552,40 @@ def build_token_cache(
             merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size,
                          manifest=manifest, num_tars=len(dataset) if stream else None)
         barrier()
-    return check_cache(out_dir)
+    return check()
 
 
 def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, shards: list[str] | None = None) -> None:
-    """A half-built cache may only be resumed by the same tokenizer, data and batch size."""
+    """A half-built cache may only be resumed by the same tokenizer, data, batch size and flip setting.
+
+    Plans written before they recorded the dataset or the flip setting are checked for the rest."""
     out_dir = Path(out_dir)
     plan = dict(
         fingerprint=manifest["tokenizer"]["fingerprint"], resolution=manifest["resolution"],
         num_images=manifest["num_images"], batch_size=batch_size, decode=manifest["decode"],
+        flip=manifest.get("flip", True), data=manifest.get("data"),
     )
     if shards is not None:
         plan["shards"] = list(shards)
     path = out_dir / "shards" / "plan.json"
     if path.is_file():
-        old = {"decode": "pil", **json.loads(path.read_text())}  # plans from before decode="device"
+        try:
+            old = {"decode": "pil", **json.loads(path.read_text())}  # plans from before decode="device"
+        except ValueError as exc:
+            raise CacheMismatchError(f"half-built token cache plan {path} is not readable JSON ({exc}); "
+                                     "delete the cache directory and build it again") from None
+        for key in ("flip", "data"):  # plans from before these were recorded
+            if key not in old:
+                log.warning("half-built token cache %s does not record its %s: resuming it checks the rest only",
+                            out_dir, "dataset" if key == "data" else "flip setting")
+                old[key] = plan[key]
+        if old["data"] is not None and plan["data"] is not None:
+            _refuse_other_dataset(old["data"], plan["data"],
+                                  where=f"half-built token cache {out_dir} ({path}) was started from another dataset")
+        old["data"] = plan["data"]
         if old != plan:
-            diff = ", ".join(k for k in plan if old.get(k) != plan[k])
+            diff = ", ".join(f"{k} (was {old.get(k)}, now {plan[k]})" if k != "shards" else k
+                             for k in plan if old.get(k) != plan[k])
             raise CacheMismatchError(f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
         return
     with atomic_path(path) as tmp:
@@ -431,26 +607,40 @@ class TokenDataset(Dataset):
         return torch.from_numpy(self.tokens[i].astype(np.int64)), torch.tensor(int(self.labels[i]))
 
 
+def default_cache_dir(*, root: str | os.PathLike, split: str, tokenizer: torch.nn.Module, flip: bool) -> Path:
+    """Where a cache lives unless ``cache.dir`` says:
+    data/token_cache/<dataset folder>-<root hash>-<split>-<tokenizer fingerprint>[-noflip].
+
+    <root hash>: 8 hex digits of the dataset's absolute root, so two datasets whose folders share a
+    name (/a/train and /b/train) never share a cache."""
+    from titok_core.formats import dataset_name
+
+    text = os.fspath(root)
+    where = hashlib.sha256((text if "://" in text else os.path.abspath(text)).encode()).hexdigest()[:8]
+    suffix = "" if flip else "-noflip"
+    return Path("data/token_cache") / f"{dataset_name(root)}-{where}-{split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
+
+
 def _main(cfg) -> None:
     """``python -m generator.cache``: tokenize a dataset (any format of titok_core.formats), across
     GPUs/processes with Lightning Fabric."""
     from lightning import Fabric
 
     from tokenizer import load_tokenizer
-    from titok_core.formats import dataset_name, open_split
+    from titok_core.formats import open_split
     from titok_core.runtime import exit_on_user_error
 
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy)
+    fabric = Fabric(**cfg.trainer)
     fabric.launch()
     with exit_on_user_error():
-        tok = load_tokenizer(cfg.tokenizer, cfg.checkpoint)
-        dataset = open_split(cfg.data_root, cfg.split, data_format=cfg.data_format, resolution=tok.image_size)
-        name = f"{dataset_name(cfg.data_root)}-{cfg.split}-{tokenizer_fingerprint(tok)}"
-        out_dir = cfg.out_dir or Path("data/token_cache") / name
+        tok = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
+        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.format, resolution=tok.image_size)
+        out_dir = Path(cfg.cache.dir or default_cache_dir(root=cfg.data.root, split=cfg.data.split, tokenizer=tok,
+                                                         flip=cfg.cache.flip))
         manifest = build_token_cache(
-            tokenizer=tok, tokenizer_source=str(cfg.tokenizer), dataset=dataset, out_dir=out_dir,
-            batch_size=cfg.batch_size, device=fabric.device, dtype=cfg.dtype, num_workers=cfg.num_workers, fabric=fabric,
-            decode=cfg.get("decode", "pil"), compile=cfg.get("compile", False),
+            tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=out_dir,
+            device=fabric.device, fabric=fabric, data=dataset_identity(cfg.data.root, cfg.data.split, cfg.data.format),
+            **{k: v for k, v in cfg.cache.items() if k != "dir"},
         )
     if fabric.is_global_zero:
         print(
@@ -459,7 +649,22 @@ def _main(cfg) -> None:
         )
 
 
-if __name__ == "__main__":
-    import hydra
+RENAMED = {
+    "data_root": "data.root", "split": "data.split", "data_format": "data.format", "checkpoint": "tokenizer.checkpoint",
+    "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype", "num_workers": "cache.num_workers",
+    "decode": "cache.decode", "compile": "cache.compile", "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
+}
 
-    hydra.main(config_path="../conf/generator", config_name="cache", version_base="1.3")(_main)()
+
+def main() -> None:
+    from titok_core.cli import hydra_entry
+
+    entry = hydra_entry(config="generator/cache", description=__doc__, renamed=RENAMED,
+                        scalar_groups={"tokenizer": "tokenizer.spec"},
+                        on_interrupt="interrupted: the finished shards are kept; run the same command to resume")
+    entry(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from generator.cache import (TokenDataset, build_token_cache, check_cache, dataset_identity, default_cache_dir,
@@ -27,13 +27,11 @@ from generator.sampler import sample_tokens
 from tokenizer import load_tokenizer, require_discrete
 from titok_core.checkpoints import save_model_file
 from titok_core.images import save_png
-from lightning.pytorch.utilities import rank_zero_only
-
 from titok_core.checkpoints import atomic_path
 from titok_core.cli import hydra_entry
 from titok_core.runs import builtin_for, dataset_fingerprint, default_run_dir, require_dataset, start_run
 from titok_core.runtime import exit_on_user_error
-from titok_core.trainer import SaveLast, build_trainer, ema_callback
+from titok_core.trainer import PeriodicLast, SaveLast, build_trainer, ema_callback
 from generator.sampler import sampling_overrides
 
 log = logging.getLogger(__name__)
@@ -135,19 +133,6 @@ def train(cfg: DictConfig) -> dict:
         model_cfg, codebook_size=manifest["codebook_size"], num_tokens=manifest["num_tokens"], num_classes=num_classes
     )
     sampling.update(sampling_overrides(cfg.sampling))
-    if rank_zero_only.rank == 0:  # the other ranks start once rank 0 has checked the run
-        identity = {
-            "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.split, "format": cfg.data.format,
-                        "builtin": builtin, **dataset_fingerprint(cfg.data.root, cfg.data.split)},
-            "tokenizer": tokenizer_fingerprint(tokenizer), "model": model_config,
-            "recipe": {"optim": OmegaConf.to_container(cfg.optim, resolve=True), "batch_size": cfg.batch_size,
-                       "seed": cfg.seed, "cache_flip": cfg.cache.flip,
-                       "trainer": {k: cfg.trainer.get(k) for k in IDENTITY_TRAINER_KEYS}},
-        }
-        if start_run(run_dir, identity, resume=cfg.resume):
-            log.info("%s: the same run, resuming", run_dir)
-        with atomic_path(run_dir / "config.yaml") as tmp:  # this launch's whole config, for the record
-            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = TokenDataModule(
         data, batch_size=cfg.batch_size, num_workers=cfg.num_workers, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -163,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps, save_top_k=0),
+        PeriodicLast(ckpt_dir, every_n_train_steps=cfg.checkpoint_every_n_steps),
         SaveLast(last),
     ]
     if module.hparams.ema:
@@ -180,6 +165,21 @@ def train(cfg: DictConfig) -> dict:
         val_check_interval=min(tr.val_check_interval, max(1, datamodule.train_batches())) if has_val else None,
         limit_val_batches=tr.limit_val_batches if has_val else 0, check_val_every_n_epoch=None if has_val else 1,
     )
+    # After the Trainer is built (its settings are checked, and it knows each process's global rank on
+    # any launcher); the other ranks start their work once rank 0 has checked the run.
+    if trainer.is_global_zero:
+        identity = {
+            "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.split, "format": cfg.data.format,
+                        "builtin": builtin, **dataset_fingerprint(cfg.data.root, cfg.data.split)},
+            "tokenizer": tokenizer_fingerprint(tokenizer), "model": model_config,
+            "recipe": {"optim": OmegaConf.to_container(cfg.optim, resolve=True), "batch_size": cfg.batch_size,
+                       "seed": cfg.seed, "cache_flip": cfg.cache.flip,
+                       "trainer": {k: cfg.trainer.get(k) for k in IDENTITY_TRAINER_KEYS}},
+        }
+        if start_run(run_dir, identity, resume=cfg.resume):
+            log.info("%s: the same run, resuming", run_dir)
+        with atomic_path(run_dir / "config.yaml") as tmp:  # this launch's whole config, for the record
+            tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming from %s", resume)
@@ -193,7 +193,7 @@ def train(cfg: DictConfig) -> dict:
         extra = {
             "sampling": sampling,
             "tokenizer": {"spec": str(cfg.tokenizer.spec), "checkpoint": cfg.tokenizer.checkpoint},
-            "data": {"root": str(cfg.data.root), "split": str(cfg.data.split), "builtin": cfg.data.builtin},
+            "data": {"root": str(cfg.data.root), "split": str(cfg.data.split), "builtin": builtin},
             "classes": manifest["classes"], "global_step": trainer.global_step, "ema": bool(cfg.optim.ema),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }

@@ -139,3 +139,142 @@ def test_two_jobs_building_the_same_cache_at_once_both_get_it(tok, tmp_path):
     assert errors == [] and len(results) == 2
     assert results[0] == results[1] and results[0]["num_sequences"] == 48
     assert np.load(out / "tokens.npy").shape == (48, 8)
+
+
+# ---------------------------------------------------------------- the dataset is part of the key; the files match the manifest
+
+
+def _folder(root, n=4, *, seed=0):
+    """<root>/train/<a|b>/<i>.png: n small random images."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        d = root / "train" / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        arr = (torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def _build(tok, root, out, **kw):
+    from generator.cache import dataset_identity
+    from titok_core.formats import open_split
+
+    data = dataset_identity(root, "train")
+    dataset = open_split(root, "train", resolution=tok.image_size)
+    return build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=dataset, out_dir=out, batch_size=2,
+                             dtype="fp32", data=data, **kw), data
+
+
+def test_the_dataset_is_recorded_and_a_cache_of_another_dataset_is_refused(tok, tmp_path):
+    from generator.cache import dataset_identity
+
+    a, b = _folder(tmp_path / "a" / "data"), _folder(tmp_path / "b" / "data", seed=1)  # same folder names, same files
+    manifest, data = _build(tok, a, tmp_path / "c")
+    assert manifest["data"] == data
+    assert data["root"] == str(a) and data["split"] == "train" and data["format"] == "folder" and data["files"] == 4
+    assert check_cache(tmp_path / "c", data=data)["num_sequences"] == 8
+
+    other = dataset_identity(b, "train")
+    with pytest.raises(CacheMismatchError, match=r"manifest.json was made from another dataset: root \(was .*a/data, now .*b/data\)"):
+        check_cache(tmp_path / "c", data=other)
+    with pytest.raises(CacheMismatchError, match="made from another dataset: root"):
+        _build(tok, b, tmp_path / "c")  # the same cache.dir given for the other dataset
+
+    # The same folder with one more file: another version of the dataset.
+    (a / "train" / "a" / "extra.png").write_bytes((a / "train" / "a" / "0.png").read_bytes())
+    with pytest.raises(CacheMismatchError, match=r"another dataset: files \(was 4, now 5\); sha256"):
+        check_cache(tmp_path / "c", data=dataset_identity(a, "train"))
+    with pytest.raises(CacheMismatchError, match="split"):
+        check_cache(tmp_path / "c", data={**data, "split": "val"})
+
+
+def test_default_cache_dirs_of_two_roots_with_one_folder_name_differ(tok, tmp_path):
+    from generator.cache import default_cache_dir
+
+    for root in ("a", "b"):
+        (tmp_path / root / "data" / "train").mkdir(parents=True)
+    a = default_cache_dir(root=tmp_path / "a" / "data", split="train", tokenizer=tok, flip=True)
+    b = default_cache_dir(root=tmp_path / "b" / "data", split="train", tokenizer=tok, flip=True)
+    assert a != b and a.name.startswith("data-") and b.name.startswith("data-")
+    assert a.name.endswith(f"-train-{tokenizer_fingerprint(tok)}") and b.parent == a.parent
+    relative = default_cache_dir(root="data", split="train", tokenizer=tok, flip=False)
+    assert relative.name.endswith("-noflip") and relative != a
+
+
+def test_a_half_built_cache_of_another_dataset_is_refused(tok, tmp_path, monkeypatch):
+    from generator import cache
+
+    a, b = _folder(tmp_path / "a" / "data"), _folder(tmp_path / "b" / "data", seed=1)
+    encode = tok.encode
+
+    def dies_on_second_batch(x, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return encode(x)
+
+    monkeypatch.setattr(tok, "encode", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tok, a, tmp_path / "c")
+    monkeypatch.setattr(tok, "encode", encode)
+    plan = json.loads((tmp_path / "c" / "shards" / "plan.json").read_text())
+    assert plan["data"]["root"] == str(a) and plan["flip"] is True
+    with pytest.raises(CacheMismatchError, match=r"half-built token cache .* was started from another dataset: root"):
+        _build(tok, b, tmp_path / "c")
+    with pytest.raises(CacheMismatchError, match=r"half-built token cache .* differs in flip \(was True, now False\)"):
+        _build(tok, a, tmp_path / "c", flip=False)
+    # A plan written before plans recorded the dataset and flips: resumed, checked for the rest.
+    del plan["data"], plan["flip"]
+    (tmp_path / "c" / "shards" / "plan.json").write_text(json.dumps(plan))
+    manifest, _ = _build(tok, a, tmp_path / "c")
+    assert manifest["num_sequences"] == 8 and manifest["data"]["root"] == str(a)
+    assert cache.check_cache(tmp_path / "c")["num_images"] == 4
+
+
+def test_a_manifest_from_before_the_dataset_was_recorded_is_checked_for_the_tokenizer_only(tok, tmp_path, caplog):
+    from generator.cache import dataset_identity
+
+    a = _folder(tmp_path / "a" / "data")
+    manifest, data = _build(tok, a, tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    del manifest["data"]
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="generator.cache"):
+        assert check_cache(tmp_path / "c", data=dataset_identity(a, "train"), fingerprint=tokenizer_fingerprint(tok))
+    assert "does not record its dataset" in caplog.text
+    with pytest.raises(CacheMismatchError, match="another tokenizer"):
+        check_cache(tmp_path / "c", data=data, fingerprint="0" * 16)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tokens_short", r"tokens.npy does not match its manifest: shape \(6, 8\), the manifest says \(8, 8\)"),
+    ("labels_dtype", r"labels.npy does not match its manifest: dtype int64, the manifest says int32"),
+    ("tokens_truncated", r"tokens.npy does not match its manifest: \d+ bytes, its header says \d+ \(truncated\)"),
+    ("labels_missing", r"labels.npy is missing"),
+    ("tokens_garbage", r"tokens.npy is not a readable .npy"),
+    ("manifest_garbage", r"manifest.json is not readable JSON"),
+])
+def test_shards_that_do_not_match_the_manifest_stop_the_job(tok, tmp_path, damage, message):
+    out = tmp_path / "c"
+    build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(4), out_dir=out, batch_size=4, dtype="fp32")
+    tokens, labels = np.load(out / "tokens.npy"), np.load(out / "labels.npy")
+    if damage == "tokens_short":
+        np.save(out / "tokens.npy", tokens[:6])
+    elif damage == "labels_dtype":
+        np.save(out / "labels.npy", labels.astype(np.int64))
+    elif damage == "tokens_truncated":
+        data = (out / "tokens.npy").read_bytes()
+        (out / "tokens.npy").write_bytes(data[:-5])
+    elif damage == "labels_missing":
+        (out / "labels.npy").unlink()
+    elif damage == "tokens_garbage":
+        (out / "tokens.npy").write_bytes(b"not an array")
+    else:
+        (out / "manifest.json").write_text('{"format": "titok-gen-token-cache/1", "tok')
+    for read in (lambda: check_cache(out), lambda: TokenDataset(out), lambda: build_token_cache(
+            tokenizer=tok, tokenizer_source="tiny", dataset=Images(4), out_dir=out, batch_size=4, dtype="fp32")):
+        with pytest.raises(CacheMismatchError, match=message) as err:
+            read()
+        assert "\n" not in str(err.value) and str(out) in str(err.value)

@@ -492,7 +492,11 @@ class TiTokModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=images.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def configure_callbacks(self):
+        return [_AfterOptimizerStep()]
+
+    def after_optimizer_step(self) -> None:
+        """EMA update and dead-code revival after each optimiser step (see :class:`_AfterOptimizerStep`)."""
         step = self.global_step
         if step == self._last_step:  # gradient accumulation: no optimiser step happened
             return
@@ -575,3 +579,13 @@ class TiTokModule(L.LightningModule):
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights to ship: the EMA copy when on, else the trained model."""
         return (self.ema if self.ema is not None else self.model).state_dict()
+
+
+class _AfterOptimizerStep(Callback):
+    """Runs :meth:`TiTokModule.after_optimizer_step` as a callback, not as the module's own hook:
+    Lightning calls module hooks after every callback, ModelCheckpoint's included, so a checkpoint
+    written at step k would miss step k's EMA update and codebook revival, and a run resumed from
+    it would never apply them. Lightning keeps checkpoint callbacks last, after this one."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.after_optimizer_step()

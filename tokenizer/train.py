@@ -19,7 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -30,14 +30,12 @@ from titok_core.formats import WebDatasetShards, WebDatasetTrainStream, decode_s
 from tokenizer.config import check_keys
 from tokenizer.presets import PRESETS, small_image_size, titok_small
 from titok_core.images import save_png
-from lightning.pytorch.utilities import rank_zero_only
-
 from titok_core.checkpoints import atomic_path
 from titok_core.cli import hydra_entry
 from titok_core.runs import builtin_for, dataset_fingerprint, default_run_dir, require_dataset, start_run
 from titok_core.runtime import exit_on_user_error
 from tokenizer.lightning_module import TiTokModule
-from titok_core.trainer import SaveLast, build_trainer
+from titok_core.trainer import PeriodicLast, SaveLast, build_trainer
 
 log = logging.getLogger(__name__)
 # Trainer settings that change what a run computes (max_steps and max_time only say how long).
@@ -237,9 +235,21 @@ def train(cfg: DictConfig) -> dict:
         for net in (module.model, module.ema):
             if net is not None:
                 net.load_state_dict(weights)
-    # The other ranks start once rank 0 has checked the run. (rank_zero_only reads RANK, LOCAL_RANK or
-    # SLURM_PROCID; a manual multi-node launch sets only NODE_RANK, so the other nodes would pass too.)
-    if rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    figures = Figures(run_dir / "figures")
+    callbacks: list[Callback] = [
+        PeriodicLast(ckpt_dir, every_n_train_steps=cfg.checkpoint_every_n_steps),
+        SaveLast(last), figures,
+    ]
+    trainer = build_trainer(
+        trainer=OmegaConf.to_container(tr, resolve=True), run_dir=run_dir, batch_size=cfg.batch_size,
+        callbacks=callbacks, logger=OmegaConf.to_container(cfg.logger) if OmegaConf.is_config(cfg.logger) else cfg.logger,
+        name=str(cfg.name), check_val_every_n_epoch=None, num_sanity_val_steps=0,
+    )
+    # After the Trainer is built (its settings are checked, and it knows each process's global rank on
+    # any launcher); the other ranks start their work once rank 0 has checked the run.
+    if trainer.is_global_zero:
         identity = {
             "dataset": {"root": os.path.abspath(cfg.data.root), "split": cfg.data.train_split,
                         "format": cfg.data.format, "builtin": builtin,
@@ -254,19 +264,6 @@ def train(cfg: DictConfig) -> dict:
             log.info("%s: the same run, resuming", run_dir)
         with atomic_path(run_dir / "config.yaml") as tmp:  # this launch's whole config, for the record
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    figures = Figures(run_dir / "figures")
-    callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps,
-                        save_top_k=0, enable_version_counter=False),
-        SaveLast(last), figures,
-    ]
-    trainer = build_trainer(
-        trainer=OmegaConf.to_container(tr, resolve=True), run_dir=run_dir, batch_size=cfg.batch_size,
-        callbacks=callbacks, logger=OmegaConf.to_container(cfg.logger) if OmegaConf.is_config(cfg.logger) else cfg.logger,
-        name=str(cfg.name), check_val_every_n_epoch=None, num_sanity_val_steps=0,
-    )
     resumed_from = None
     if last.is_file():
         # Our own Lightning checkpoints hold only tensors and plain containers: no pickled code.
