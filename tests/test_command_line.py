@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _renames(module: str) -> dict:
     """The renamed-key table and scalar groups each entry point passes to hydra_entry."""
+    from eval.gfid import RENAMED as GFID_RENAMED, SCALAR_GROUPS as GFID_GROUPS
     from generator.cache import RENAMED as CACHE_RENAMED
     from sampling.pipeline import RENAMED_MODEL_KEYS
 
@@ -28,6 +29,7 @@ def _renames(module: str) -> dict:
         "sampling/generate": (RENAMED_MODEL_KEYS, groups),
         "sampling/serve": (RENAMED_MODEL_KEYS, groups),
         "tokenizer/reconstruct": ({"checkpoint": "tokenizer.checkpoint"}, {"tokenizer": "tokenizer.spec"}),
+        "eval/gfid": (GFID_RENAMED, GFID_GROUPS),
     }[module]
 
 
@@ -45,6 +47,7 @@ COMPLETE = {
     "sampling/generate": [],
     "sampling/serve": [],
     "tokenizer/reconstruct": ["inputs=x.png"],
+    "eval/gfid": [],
 }
 
 
@@ -74,6 +77,7 @@ def test_unknown_key_suggests_the_closest(config):
         "sampling/generate": ("sampling.guidance_scal", "sampling.guidance_scale"),
         "sampling/serve": ("prot", "port"),
         "tokenizer/reconstruct": ("out_dri", "out_dir"),
+        "eval/gfid": ("num_sample", "num_samples"),
     }[config]
     with pytest.raises(UsageError, match=f"unknown option {key} \\(did you mean {closest}\\?\\)"):
         check(config, *COMPLETE[config], f"{key}=1")
@@ -98,8 +102,23 @@ def test_an_added_key_that_exists_says_to_drop_the_plus():
     ("sampling/generate", ["n=two"], "n=two: expected an integer"),
     ("sampling/serve", ["port=http"], "port=http: expected an integer"),
     ("tokenizer/reconstruct", ["batch_size=1.5"], "batch_size=1.5: expected an integer"),
+    ("eval/gfid", ["save_npz=true", "overlap=sometimes"], "overlap=sometimes: expected true or false"),
 ])
 def test_wrong_type(config, argv, message):
+    with pytest.raises(UsageError, match=message):
+        check(config, *COMPLETE[config], *argv)
+
+
+@pytest.mark.parametrize("config, argv, message", [
+    ("generator/train", ["batch_size=0"], "batch_size=0: must be at least 1"),
+    ("tokenizer/train", ["optim.lr=-1e-3"], "optim.lr=-1e-3: must be positive"),
+    ("generator/cache", ["cache.num_workers=-1"], "cache.num_workers=-1: must not be negative"),
+    ("sampling/generate", ["sampling.num_steps=0"], "sampling.num_steps=0: must be at least 1"),
+    ("sampling/serve", ["max_n=0"], "max_n=0: must be at least 1"),
+    ("tokenizer/reconstruct", ["batch_size=-2"], "batch_size=-2: must be at least 1"),
+    ("eval/gfid", ["num_samples=0"], "num_samples=0: must be at least 1"),
+])
+def test_value_out_of_range(config, argv, message):
     with pytest.raises(UsageError, match=message):
         check(config, *COMPLETE[config], *argv)
 
@@ -114,6 +133,8 @@ def test_wrong_type(config, argv, message):
     ("sampling/generate", ["tokenizer_checkpoint=t.bin"], "tokenizer.checkpoint=t.bin"),
     ("sampling/serve", ["randomize_temperature=2"], "sampling.randomize_temperature=2"),
     ("tokenizer/reconstruct", ["checkpoint=t.bin"], "tokenizer.checkpoint=t.bin"),
+    ("eval/gfid", ["data_root=/val"], "data.root=/val"),
+    ("eval/gfid", ["accelerator=gpu"], "trainer.accelerator=gpu"),
 ])
 def test_old_spelling_names_the_new_key(config, argv, new):
     with pytest.raises(UsageError, match=f"was renamed: write {new}"):
@@ -122,7 +143,7 @@ def test_old_spelling_names_the_new_key(config, argv, new):
 
 @pytest.mark.parametrize("config, key", [
     ("sampling/generate", "generator"), ("sampling/generate", "tokenizer"), ("sampling/serve", "generator"),
-    ("generator/cache", "tokenizer"), ("tokenizer/reconstruct", "tokenizer"),
+    ("generator/cache", "tokenizer"), ("tokenizer/reconstruct", "tokenizer"), ("eval/gfid", "generator"),
 ])
 def test_a_model_given_as_one_value_says_spec(config, key):
     with pytest.raises(UsageError, match=f"{key}= takes a group now: write {key}.spec=x"):

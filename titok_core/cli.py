@@ -9,6 +9,7 @@ line on stderr and exit code 2:
 * ``+key=value`` (Hydra's "add a key"): every option we read is in the config already, so an
   added key would be read by nothing;
 * a value of the wrong type for a key whose default is a number or a boolean;
+* a count below 1 or a negative rate (batch sizes, steps, learning rates: ``_AT_LEAST_ONE`` ...);
 * a mandatory value (``???``) left missing.
 
 While the task runs, Ctrl-C prints one line (``interrupted``) and exits 130; errors the task
@@ -108,6 +109,31 @@ def _type_error(key: str, value: str, default) -> str | None:
     return None
 
 
+# Options that count something and must be at least 1, and rates that must be positive, on every
+# entry point (null keeps its meaning where an option allows it).
+_AT_LEAST_ONE = re.compile(r"(^|\.)(batch_size|n|num_samples|num_steps|max_steps|demo_per_class|state_every|"
+                           r"accumulate_grad_batches|global_batch|num_nodes|checkpoint_every_n_steps|val_images|"
+                           r"classifier_steps|colour_blind_steps|max_n|sample_classes|log_every_n_steps)$")
+_POSITIVE = re.compile(r"(^|\.)(lr|end_lr)$")
+_NOT_NEGATIVE = re.compile(r"(^|\.)(num_workers|seed|warmup_steps|sample_every_n_steps|guidance_scale|"
+                           r"randomize_temperature|weight_decay|label_smoothing|class_dropout)$")
+
+
+def _range_error(key: str, value: str) -> str | None:
+    """A one-line complaint for a number out of its range (see the patterns above)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if _AT_LEAST_ONE.search(key) and number < 1:
+        return f"{key}={value}: must be at least 1"
+    if _POSITIVE.search(key) and number <= 0:
+        return f"{key}={value}: must be positive"
+    if _NOT_NEGATIVE.search(key) and number < 0:
+        return f"{key}={value}: must not be negative"
+    return None
+
+
 def check_command_line(
     argv: list[str], *, config_dir: Path, config_name: str, renamed: Mapping[str, str] = {},
     scalar_groups: Mapping[str, str] = {},
@@ -153,7 +179,7 @@ def check_command_line(
                     raise UsageError(f"{key}= takes a group now: write {scalar_groups[key]}={value}")
                 default = node._value() if isinstance(node, ValueNode) else None
                 if value is not None:
-                    problem = _type_error(key, value, default)
+                    problem = _type_error(key, value, default) or _range_error(key, value)
                     if problem:
                         raise UsageError(problem)
             try:
