@@ -136,7 +136,7 @@ def test_a_failed_and_a_hung_step_are_recorded_and_the_run_goes_on(dry_run):
 
 def test_the_official_side_by_side_is_read(dry_run):
     steps = dry_run["steps"]
-    sbs = steps["sbs_official"]  # a stand-in for ../shared/tools/official_side_by_side.py
+    sbs = steps["sbs_official"]  # a stand-in for the official side-by-side tool
     assert sbs["status"] == "ok", (sbs["reason"], sbs["stderr_tail"])
     assert sbs["official_samples_per_s"] == 2.0 and sbs["batch_size"] == steps["p1_l32"]["batch_size"]
     assert sbs["value"] == round(steps["p1_l32"]["value"] / 2.0, 2) and sbs["met"] == (sbs["value"] >= 3)
