@@ -37,7 +37,11 @@ class Progress:
         self.done, self.sums = 0, {}
 
     def restore(self, accumulators: list[InceptionFeatures]) -> None:
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
+            return
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a write a kill interrupted
+            stale.unlink(missing_ok=True)
+        if not self.path.is_file():
             return
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.fingerprint:
