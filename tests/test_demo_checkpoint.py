@@ -1,6 +1,5 @@
 """The shipped demo files: the tokenizer's held-out PSNR as the README states, with its codes in
 use at every position, and the generator trained on that tokenizer's tokens."""
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -1,6 +1,5 @@
 """The honest demo judges: the colour-blind classifier and precision/recall."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -22,11 +22,7 @@ and demo kills during the colour-blind classifier and during sampling.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -34,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from jobs import Job
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "official_tiny"
@@ -56,75 +54,9 @@ TIMINGS = ("loop_seconds", "batches_this_run")
 # ----------------------------------------------------------------------------------------- helpers
 
 
-class Job:
-    """``python -m eval.gfid <args>`` in ``cwd`` (its own process group), output appended to ``cwd/job.log``."""
-
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
-        cwd.mkdir(parents=True, exist_ok=True)
-        self.cwd, self.log = cwd, cwd / "job.log"
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
-        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        self._out = open(self.log, "ab")
-        self._out.write(f"\n$ python -m eval.gfid {' '.join(args)}\n".encode())
-        self._out.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "eval.gfid", *args], cwd=cwd, env=full_env,
-                                     stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.started = time.monotonic()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def ended(self) -> bool:
-        return self.proc.poll() is not None
-
-    def kill(self) -> None:
-        if not self.ended():
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        self._out.close()
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        finally:
-            self._out.close()
-
-    def wait_for(self, ready, *, timeout: float = 240):
-        """Poll ``ready()`` every 2 ms until it returns something true (returned); fails if the job ends first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = ready()
-            if got:
-                return got
-            if self.ended():
-                raise AssertionError(f"the job ended (rc {self.proc.returncode}) before the kill point:\n"
-                                     f"{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"the kill point never came:\n{self.output()[-4000:]}")
-            time.sleep(0.002)
-
-    def kill_after(self, delay: float) -> bool:
-        """SIGKILL the job's process group ``delay`` seconds from now; False when it ended first."""
-        end = time.monotonic() + delay
-        while time.monotonic() < end:
-            if self.ended():
-                self._out.close()
-                return False
-            time.sleep(0.002)
-        self.kill()
-        return self.proc.returncode == -signal.SIGKILL
-
-
 def run_to_end(args: list[str], cwd: Path, env: dict | None = None) -> tuple[dict, str]:
     """Run the command to its end; (the result JSON it wrote, this run's output)."""
-    job = Job(args, cwd, env)
+    job = Job("eval.gfid", args, cwd, env=env)
     before = len(job.output())
     rc = job.wait()
     out = job.output()[before:]
@@ -137,7 +69,7 @@ class Uninterrupted:
 
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         self.cwd = cwd
-        self.job = Job(args, cwd, env)
+        self.job = Job("eval.gfid", args, cwd, env=env)
         self._result: dict | None = None
 
     def result(self) -> dict:
@@ -283,7 +215,7 @@ def _inception_kill_test(args, tmp_path, want, points: list[tuple[int, float]]) 
     cwd, where = tmp_path / "run", []
     done = 0
     for j, fraction in points:
-        job = Job(args, cwd)
+        job = Job("eval.gfid", args, cwd)
         point = _kill_in_loop(job, j, fraction)
         before, done = done, _check_state_after_kill(cwd)
         temps = len(list((cwd / "state").glob(".*.tmp")))
@@ -318,7 +250,7 @@ def test_inception_killed_after_the_sampling_loop(inception_args, inception_want
     """While the statistics, precision/recall, the .npz and the result are made from the finished state."""
     rng = random.Random(f"{SEED}-inception-end")
     cwd = tmp_path / "run"
-    job = Job(inception_args, cwd)
+    job = Job("eval.gfid", inception_args, cwd)
     job.wait_for(lambda: _feature_rows(cwd / "state") >= NUM_SAMPLES)
     delay = rng.uniform(0, 2.0)
     assert job.kill_after(delay), job.output()[-4000:]
@@ -333,7 +265,7 @@ def test_inception_killed_while_the_reference_is_measured(inception_args, incept
     """Before any state: the reference's Inception features (cached atomically beside the run) are made."""
     rng = random.Random(f"{SEED}-inception-reference")
     cwd = tmp_path / "run"
-    job = Job(inception_args, cwd)
+    job = Job("eval.gfid", inception_args, cwd)
     job.wait_for(lambda: "reference images" in job.output())
     delay = rng.uniform(0, 1.0)
     assert job.kill_after(delay), job.output()[-4000:]
@@ -349,27 +281,12 @@ def test_inception_killed_while_the_reference_is_measured(inception_args, incept
 
 # ----------------------------------------------------------------------------------------- demo mode
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 190, 212), (128, 128, 128)]
-
-
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    """A 10-class demo folder (train 8, val 3 per class): a square of the class colour on a dark noisy ground."""
-    from PIL import Image
+    """A 10-class demo folder (train 8, val 3 per class), as tests/test_eval.py makes it."""
+    from test_eval import _demo_folder
 
-    root, rng, size = tmp_path_factory.mktemp("demo_data"), np.random.default_rng(0), 32
-    for split, n in (("train", 8), ("val", 3)):
-        for c, colour in enumerate(COLOURS):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 40, size=(size, size, 3)).astype(np.uint8)
-                side = int(rng.integers(size // 4, size // 2))
-                y, x = rng.integers(0, size - side, size=2)
-                img[y : y + side, x : x + side] = colour
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+    return _demo_folder(tmp_path_factory.mktemp("demo_data"), {"train": 8, "val": 3})
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +339,7 @@ def _demo_kill_test(args, tmp_path, want, points) -> list[str]:
     """points: (what the kill waits for, delay); then the rerun to the end, compared with the uninterrupted run."""
     cwd, where, cached = tmp_path / "run", [], 0
     for ready, delay in points:
-        job = Job(args, cwd, _demo_env(cwd))
+        job = Job("eval.gfid", args, cwd, env=_demo_env(cwd))
         job.wait_for(lambda: ready(job))
         assert job.kill_after(delay), f"the job ended before the kill point:\n{job.output()[-4000:]}"
         cached = _check_classifier_cache_after_kill(cwd)

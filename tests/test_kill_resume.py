@@ -30,6 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs import Job, job_env
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "official_tiny" / "tokenizer"
 SEED = 20240611  # the kill points of every test derive from it
@@ -46,69 +48,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # as the in-process reference (_one_thread)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return env
-
-
-class Job:
-    """One ``python -m <module> <args>`` in ``cwd``, output in a log file, in its own process group."""
-
-    def __init__(self, module: str, args: list[str], cwd: Path, log: Path):
-        self.log = log
-        self.cmd = [sys.executable, "-m", module, *args]
-        self._out = open(log, "ab")
-        self._out.write(f"\n$ {' '.join(self.cmd)}\n".encode())
-        self._out.flush()
-        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=_env(), stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, n: int = 4000) -> str:
-        return self.output()[-n:]
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        finally:
-            self._out.close()
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self._out.close()
-
-    def kill_at(self, ready, delay: float, *, timeout: float = 240) -> bool:
-        """Wait until ``ready()`` (the job is under way), then ``delay`` seconds more, and SIGKILL the
-        job's process group. True when it was killed; False when it ended first (rc checked by the caller)."""
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if self.proc.poll() is not None:
-                self._out.close()
-                return False
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"the kill point never came: {self.tail()}")
-            time.sleep(0.002)
-        end = time.monotonic() + delay
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                self._out.close()
-                return False
-            time.sleep(0.002)
-        self.kill()
-        return self.proc.returncode == -signal.SIGKILL
 
 
 def _run_to_end(module: str, args: list[str], cwd: Path, log: Path) -> str:
@@ -499,7 +438,7 @@ def test_killing_the_checkpoint_writer_never_leaves_a_truncated_last_ckpt(tmp_pa
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
     for attempt in range(4):
-        job = subprocess.Popen([sys.executable, str(script), str(path)], cwd=tmp_path, env=_env(),
+        job = subprocess.Popen([sys.executable, str(script), str(path)], cwd=tmp_path, env=job_env(),
                                stdout=subprocess.PIPE, start_new_session=True)
         assert job.stdout.readline().strip() == b"ready"
         deadline = time.monotonic() + 60

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from titok_core import runtime
-from tokenizer import build_tokenizer, load_tokenizer
+from tokenizer import build_tokenizer
 from titok_core.data import ImageFolderDataset, InMemoryImages
 from tokenizer.model import FSQ
 from tokenizer.presets import small_image_size, titok_small
-from titok_core.lr_schedule import FitScheduleToTime, parse_max_time, schedule_callbacks, warmup_cosine
+from titok_core.lr_schedule import parse_max_time, schedule_callbacks, warmup_cosine
 from tokenizer.train import resolve_model
 from tokenizer.lightning_module import TokenPrior, gradient_loss
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import logging
 import math
 import os
-from pathlib import Path
 
 import lightning as L
 import torch
