@@ -143,7 +143,7 @@ def test_generate_class_list_and_random(tiny, tmp_path):
     "overrides, fragments",
     [
         (["class=10", "n=2"], ["class 10 is out of range", "0..9"]),
-        (["class=3", "n=0"], ["n must be positive"]),
+        (["class=3", "n=0"], ["n=0: must be at least 1"]),
         (["class=3", "n=2", "generator.checkpoint=missing/generator.bin"], ["not found", "missing/generator.bin"]),
     ],
     ids=["class-out-of-range", "n-zero", "missing-checkpoint"],
