@@ -516,9 +516,13 @@ def open_split(
 
 
 def dataset_name(root: str | os.PathLike) -> str:
-    """A short name for a data_root (its folder name; a pattern's or file's parent folder name)."""
-    path = Path(str(root))
-    return path.name if path.is_dir() else path.parent.name or "data"
+    """A short name for a dataset root: its folder name; a brace pattern's or a file's parent folder
+    name. The same before and after the folder exists (a built-in dataset is written later)."""
+    text = os.fspath(root)
+    path = Path(text)
+    if "{" in text or path.is_file() or (path.suffix and not path.is_dir()):
+        return path.parent.name or "data"
+    return path.name or "data"
 
 
 def has_split(root: str | os.PathLike, split: str, *, data_format: str = "auto") -> bool:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from titok_core.checkpoints import atomic_path
+from titok_core.formats import dataset_name
 
 log = logging.getLogger(__name__)
 RECORD = "run.json"
@@ -56,18 +57,11 @@ def require_dataset(root: str | os.PathLike) -> None:
     raise FileNotFoundError(f"no dataset at {text}: expected {DATA_LAYOUTS}")
 
 
-def dataset_slug(root: str | os.PathLike) -> str:
-    """A short name for a dataset root: its folder name (a pattern's or file's parent folder name)."""
-    path = Path(os.fspath(root).split("{")[0])
-    name = path.name if path.is_dir() or not path.suffix else path.parent.name
-    return name or "data"
-
-
 def default_run_dir(*, package: str, name: str, root: str | os.PathLike, builtin: str | None) -> Path:
     """``runs/<package>/<name>`` for a built-in dataset at its default place, else
     ``runs/<package>/<name>-<dataset folder>``, so one recipe on two datasets gives two runs."""
     at_home = builtin is not None and _same_path(root, BUILTIN_ROOTS[builtin])
-    return Path("runs") / package / (name if at_home else f"{name}-{dataset_slug(root)}")
+    return Path("runs") / package / (name if at_home else f"{name}-{dataset_name(root)}")
 
 
 def file_identity(path: str | os.PathLike | None) -> dict | None:
