@@ -76,7 +76,7 @@ def dataset_identity(root: str | os.PathLike, split: str | None, data_format: st
     """What a cache records of its dataset: absolute root, split, format and a cheap fingerprint of
     the files the split is read from (names and sizes, no contents; see
     :func:`titok_core.runs.dataset_fingerprint`). Two caches of the same split of the same files agree."""
-    from titok_core.formats import _check_format, _split_files, webdataset_urls
+    from titok_core.formats import _check_format, is_saved_dataset, parquet_files, webdataset_urls
     from titok_core.runs import dataset_fingerprint
 
     fmt = _check_format(data_format, root)
@@ -84,19 +84,8 @@ def dataset_identity(root: str | os.PathLike, split: str | None, data_format: st
     absolute = text if "://" in text else os.path.abspath(text)
     if fmt == "webdataset":
         files = _files_fingerprint(webdataset_urls(root, split))
-    elif fmt == "hf" and not (Path(text).is_dir() and ((Path(text) / "dataset_dict.json").is_file()
-                                                     or (Path(text) / "state.json").is_file())):
-        # parquet files: those of the split only, as the dataset reads them
-        path = Path(text)
-        if path.is_file():
-            paths = [path]
-        elif path.is_dir():
-            paths = _split_files(sorted(path.rglob("*.parquet")), split, path)
-        else:
-            import glob
-
-            paths = [Path(f) for f in sorted(glob.glob(text, recursive=True)) if f.endswith(".parquet")]
-        files = _files_fingerprint([str(p) for p in paths])
+    elif fmt == "hf" and not is_saved_dataset(text):  # parquet: the split's own files, as the dataset reads them
+        files = _files_fingerprint([str(p) for p in parquet_files(text, split)])
     else:
         files = dataset_fingerprint(root, split)
     return {"root": absolute, "split": split, "format": fmt, **files}

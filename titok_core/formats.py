@@ -103,7 +103,7 @@ def detect_format(root: str | os.PathLike) -> str:
     path = Path(root)
     if not path.is_dir():
         raise FileNotFoundError(f"no dataset at {root}")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if is_saved_dataset(path):
         return "hf"
     if any(path.glob("*.tar")):
         return "webdataset"
@@ -244,11 +244,28 @@ class ParquetRecords:
         return _image_cell(images[j], name), int(labels[j]), name
 
 
+def is_saved_dataset(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a Hugging Face ``save_to_disk`` folder (a DatasetDict or one Dataset)."""
+    path = Path(os.fspath(root))
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def parquet_files(root: str | os.PathLike, split: str | None) -> list[Path]:
+    """The parquet shards of ``split`` that a Hugging Face dataset at ``root`` is read from: the file
+    itself, the split's files under a folder, or the files a glob pattern names; [] when none."""
+    root_s = os.fspath(root)
+    path = Path(root_s)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _split_files(sorted(path.rglob("*.parquet")), split, path)
+    return [Path(f) for f in sorted(glob.glob(root_s, recursive=True)) if f.endswith(".parquet")]
+
+
 def open_hf_records(root: str | os.PathLike, split: str | None):
     """A Hugging Face dataset split -> ArrowRecords or ParquetRecords; FileNotFoundError if absent."""
     root_s = str(root)
-    path = Path(root_s)
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+    if is_saved_dataset(root_s):
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(root_s)
@@ -260,12 +277,7 @@ def open_hf_records(root: str | os.PathLike, split: str | None):
                 )
             return ArrowRecords(ds[names[0]], f"{root_s}:{names[0]}")
         return ArrowRecords(ds, root_s)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = _split_files(sorted(path.rglob("*.parquet")), split, path)
-    else:
-        files = [Path(f) for f in sorted(glob.glob(root_s, recursive=True)) if f.endswith(".parquet")]
+    files = parquet_files(root_s, split)
     if not files:
         raise FileNotFoundError(f"no parquet files{f' of split {split!r}' if split else ''} at {root_s}")
     return ParquetRecords(files)
