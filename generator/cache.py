@@ -62,14 +62,16 @@ class CacheMismatchError(ValueError):
 
 
 def _files_fingerprint(paths: list[str]) -> dict:
-    """How many files and a hash of their names and sizes (remote URLs: the name only), as
+    """How many files and a hash of their names and sizes (remote URLs: the whole URL, size -1), as
     :func:`titok_core.runs.dataset_fingerprint` does for a folder."""
-    h = hashlib.sha256()
+    from titok_core.runs import names_and_sizes_fingerprint
+
+    entries = []
     for path in paths:
         local = "://" not in path and not path.startswith("pipe:")
         size = os.path.getsize(path) if local and os.path.isfile(path) else -1
-        h.update(f"{os.path.basename(path) if local else path}\0{size}\n".encode())
-    return {"files": len(paths), "sha256": h.hexdigest()[:16]}
+        entries.append((os.path.basename(path) if local else path, size))
+    return names_and_sizes_fingerprint(entries)
 
 
 def dataset_identity(root: str | os.PathLike, split: str | None, data_format: str = "auto") -> dict:

@@ -81,8 +81,6 @@ def dataset_fingerprint(root: str | os.PathLike, split: str | None = None) -> di
     """
     root_path = Path(os.fspath(root))
     base = root_path / split if split and (root_path / split).is_dir() else root_path
-    h = hashlib.sha256()
-    count = 0
     if base.is_file():
         files = [(base.name, base.stat().st_size)]
     else:
@@ -95,10 +93,15 @@ def dataset_fingerprint(root: str | os.PathLike, split: str | None = None) -> di
                     files.append((os.path.relpath(p, base), os.path.getsize(p)))
                 except OSError:
                     continue
-    for rel, size in files:
-        h.update(f"{rel}\0{size}\n".encode())
-        count += 1
-    return {"files": count, "sha256": h.hexdigest()[:16]}
+    return names_and_sizes_fingerprint(files)
+
+
+def names_and_sizes_fingerprint(files: list[tuple[str, int]]) -> dict:
+    """``{"files": count, "sha256": 16 hex digits}`` over (name, size) pairs, in the order given."""
+    h = hashlib.sha256()
+    for name, size in files:
+        h.update(f"{name}\0{size}\n".encode())
+    return {"files": len(files), "sha256": h.hexdigest()[:16]}
 
 
 def _flatten(value, prefix: str = "") -> dict:
