@@ -88,8 +88,8 @@ def float16_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     norm is the float16 number nearest its exact value; TF adds them up in float16 instead, in an
     order its kernel picks, and lands one ulp off for about a quarter of the rows, which moves
     precision/recall by up to about half a point (docs/gfid.md). Computed as a float32 matmul of the
-    float16 values rather than a float16 matmul: that is as fast on a CPU, where float16 matmul
-    is slower or missing, and on a GPU it rules out float16 partial sums (cuBLAS may use them);
+    float16 values rather than a float16 matmul: on a CPU that is float32's speed (float16 matmul
+    was slower here), and on a GPU it rules out float16 partial sums (cuBLAS may use them);
     the elementwise steps are float16 ops, correctly rounded on any device. So CPU and GPU agree
     but for the order of float32 additions (TF32 included: float16 values are exact in TF32).
     """
