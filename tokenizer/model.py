@@ -253,24 +253,73 @@ class VectorQuantizer(nn.Module):
         """int64 [...] -> float32 [..., T] code vectors."""
         return F.embedding(tokens, self.codebook())
 
+    def distances(self, flat: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared distances of latents float [M,T] to every code: float32 [M,K] (normalised
+        latents and codes when ``use_l2_norm``; ``codes`` = :meth:`codebook` when not given).
+
+        The expanded form ``|z|^2 + |e|^2 - 2 z.e``, the official formula, so argmin ties break
+        identically."""
+        flat = flat.float()
+        if self.use_l2_norm:
+            flat = F.normalize(flat, dim=-1)
+        codes = self.codebook() if codes is None else codes
+        return flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.T
+
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         z = z.float()
-        flat = z.reshape(-1, z.shape[-1])  # (B*N, T)
         codes = self.codebook()
-        if self.use_l2_norm:
-            flat = F.normalize(flat, dim=-1)
-            z = F.normalize(z, dim=-1)
-        # The expanded squared distance, the same formula as the official code, so argmin
-        # ties break identically.
-        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.T
+        d = self.distances(z.reshape(-1, z.shape[-1]), codes)  # (B*N, K)
         tokens = d.argmin(dim=1).view(z.shape[:-1])  # (B, N)
+        if self.use_l2_norm:
+            z = F.normalize(z, dim=-1)
         z_q = F.embedding(tokens, codes)
         commitment = self.commitment_cost * torch.mean((z_q.detach() - z) ** 2)
         codebook = torch.mean((z_q - z.detach()) ** 2)
         losses = {"quantizer_loss": commitment + codebook, "commitment_loss": commitment, "codebook_loss": codebook}
         return z + (z_q - z).detach(), tokens, losses
+
+
+class ClusteringVQ(nn.Module):
+    """The official clustering VQ (``clustering_vq``, the VQ-8k single-stage recipe): a training-time
+    codebook update that pulls every rarely used code onto the latent nearest to it.
+
+    Keeps ``embed_prob`` [K], an EMA (decay ``official.CLUSTERING_DECAY``) of each code's share of
+    the tokens. :meth:`update` then moves each code e_k towards the unnormalised latent z* that is
+    nearest to it in the quantiser's distance: ``e_k <- e_k (1 - w_k) + z* w_k`` with
+    ``w_k = official.clustering_replace_weight`` (~1 for an unused code, ~0 for a used one).
+    The buffer is the training state (it travels in a training checkpoint), never part of the
+    tokenizer's weights.
+
+    Order: the official quantiser updates the codebook inside every training forward, after the
+    forward's codes were picked; gradients do not depend on the codebook's new values. Call
+    :meth:`update` once per forward (per micro-batch with accumulation), after its backward and
+    before the optimiser step: that gives the official numbers. With several processes give it
+    every process's latents (gathered, in rank order), as the official code gathers them.
+    """
+
+    def __init__(self, codebook_size: int, *, decay: float = official.CLUSTERING_DECAY):
+        super().__init__()
+        self.codebook_size, self.decay = codebook_size, decay
+        self.register_buffer("embed_prob", torch.zeros(codebook_size))
+
+    @torch.no_grad()
+    def update(self, quantizer: "VectorQuantizer", latents: torch.Tensor) -> torch.Tensor:
+        """latents: the encoder's outputs float [..., T] before quantisation (all processes').
+        Updates ``embed_prob`` and ``quantizer.embedding.weight`` in place; returns the replacement
+        weights float32 [K]."""
+        flat = latents.detach().reshape(-1, latents.shape[-1]).float()  # (M, T)
+        d = quantizer.distances(flat)  # (M, K)
+        tokens = d.argmin(dim=1)
+        # The official mean of one-hot rows; as counts / M it needs no [M, K] matrix (same values on CPU).
+        share = torch.bincount(tokens, minlength=self.codebook_size).float() / flat.shape[0]
+        self.embed_prob.mul_(self.decay).add_(share, alpha=1 - self.decay)
+        nearest = flat[d.argmin(dim=0)]  # (K, T): for each code, the latent nearest to it
+        w = official.clustering_replace_weight(self.embed_prob, self.codebook_size)[:, None]
+        weight = quantizer.embedding.weight
+        weight.copy_(weight * (1 - w) + nearest.to(weight.dtype) * w)
+        return w[:, 0]
 
 
 class FSQ(nn.Module):
