@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from generator.cache import TokenDataset
+from generator.cache.dataset import TokenDataset
 
 
 # Test-only: with this variable naming a directory, every rank appends the cache rows of each
