@@ -6,11 +6,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats, save_reference_stats
+from eval.fidelity import InceptionFeatures
 from eval.gfid import run
+from eval.reference import load_reference_stats, save_reference_stats
 from eval.samples import class_balanced_labels, pipeline_from_config
 from sampling import sample_tokens
 from titok_core.images import to_uint8
+from titok_core.metrics import fid_from_stats
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
 

@@ -886,11 +886,11 @@ def _child_run(argv: list[str]) -> dict:
     cut = argv.index("--")
     opts, args = argv[:cut], argv[cut + 1:]
     if "--cheap-fid" in opts:
-        # Before the evaluation modules bind the name: every later `from eval.fidelity import
+        # Before the evaluation modules bind the name: every later `from titok_core.metrics import
         # fid_from_stats` gets the stand-in; modules already loaded are patched where they hold it.
-        import eval.fidelity
+        import titok_core.metrics
 
-        original = eval.fidelity.fid_from_stats
+        original = titok_core.metrics.fid_from_stats
         for mod in list(sys.modules.values()):
             if getattr(mod, "fid_from_stats", None) is original:
                 mod.fid_from_stats = _diagonal_fid
