@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import FIXTURES
 from generator import build_generator, load_generator
 from generator.assets import shipped_path as shipped_generator
 from generator.cache import tokenizer_fingerprint
@@ -16,7 +17,6 @@ from tokenizer import TiTok, TiTokConfig, build_tokenizer, load_tokenizer, offic
 from tokenizer.assets import shipped_path
 from tokenizer.config import config_from_file
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
     "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from titok_bench.gpu_check import ALL_STEPS, Plan, Run, _junit, _replace, parse_args
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 150  # about 40 s on an idle 2-core machine; the budget only bites when the machine is busy
 FIELDS = {"step", "title", "status", "reason", "figure", "value", "unit", "target", "met", "peak_memory_mb",
           "largest_batch", "agreement", "command", "timeout_s", "wall_s", "cpu_s", "rc", "stderr_tail", "dry_run"}

@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 from jobs import Job, job_env
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "official_tiny" / "tokenizer"
 SEED = 20240611  # the kill points of every test derive from it
 

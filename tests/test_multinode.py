@@ -35,8 +35,8 @@ import pytest
 import torch
 
 from row_log import ROWS_LOG_ENV, SITECUSTOMIZE as ROWS
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 4, 16
 # What a scheduler or launcher may have left in this environment; each launch here sets its own.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
