@@ -1,7 +1,8 @@
 """Token cache: a frozen tokenizer turns an image dataset into token sequences with labels.
 
 Each image is tokenized as is and horizontally flipped (two sequences, as the official
-pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a finished cache directory::
+pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a
+finished cache directory::
 
     manifest.json   format, tokenizer identity (source, config, fingerprint), dataset identity
                     (absolute root, split, format, a fingerprint of its files), resolution,

@@ -93,7 +93,9 @@ def build_token_cache(
     return check()
 
 
-def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, shards: list[str] | None = None) -> None:
+def _check_partial(
+    out_dir: str | os.PathLike, manifest: dict, batch_size: int, shards: list[str] | None = None,
+) -> None:
     """A half-built cache may only be resumed by the same tokenizer, data, batch size and flip setting.
 
     Plans written before they recorded the dataset or the flip setting are checked for the rest."""
@@ -124,7 +126,8 @@ def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, 
         if old != plan:
             diff = ", ".join(f"{k} (was {old.get(k)}, now {plan[k]})" if k != "shards" else k
                              for k in plan if old.get(k) != plan[k])
-            raise CacheMismatchError(f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
+            raise CacheMismatchError(
+                f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
         return
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(plan))

@@ -37,7 +37,8 @@ def _main(cfg) -> None:
 
 RENAMED = {
     "data_root": "data.root", "split": "data.split", "data_format": "data.format", "checkpoint": "tokenizer.checkpoint",
-    "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype", "num_workers": "cache.num_workers",
+    "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype",
+    "num_workers": "cache.num_workers",
     "decode": "cache.decode", "compile": "cache.compile", "accelerator": "trainer.accelerator",
     "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
 }

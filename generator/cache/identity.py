@@ -87,7 +87,8 @@ def cache_manifest(
     return {
         "format": FORMAT,
         "tokenizer": {
-            "source": tokenizer_source, "config": tokenizer.config.to_dict(), "fingerprint": tokenizer_fingerprint(tokenizer),
+            "source": tokenizer_source, "config": tokenizer.config.to_dict(),
+            "fingerprint": tokenizer_fingerprint(tokenizer),
         },
         "resolution": resolution,
         "num_tokens": tokenizer.num_tokens,

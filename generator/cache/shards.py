@@ -218,9 +218,11 @@ def merge_shards(
     counted from the shards)."""
     out_dir = Path(out_dir)
     if num_tars is not None:
-        unfinished = [_stream_done_path(out_dir, i).name for i in range(num_tars) if not _stream_done_path(out_dir, i).exists()]
+        unfinished = [_stream_done_path(out_dir, i).name for i in range(num_tars)
+                      if not _stream_done_path(out_dir, i).exists()]
         if unfinished:
-            raise RuntimeError(f"cannot merge the token cache: {len(unfinished)} tar shard(s) unfinished, e.g. {unfinished[0]}")
+            raise RuntimeError(f"cannot merge the token cache: {len(unfinished)} tar shard(s) unfinished, "
+                               f"e.g. {unfinished[0]}")
         paths = [
             _stream_shard_path(out_dir, i, c) for i in range(num_tars)
             for c in range(json.loads(_stream_done_path(out_dir, i).read_text())["chunks"])

@@ -9,6 +9,7 @@ from titok_bench.gpu_check.environment import env_facts
 
 
 def child_main(argv: list[str]) -> dict:
+    """``--child env [--full]``: print the facts as one JSON line; ``--child run ...``: see :func:`_child_run`."""
     mode, rest = argv[0], argv[1:]
     if mode == "env":
         facts = env_facts(full="--full" in rest)

@@ -13,6 +13,7 @@ from titok_bench.gpu_check.supervisor import Run, step_names
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of the check (``--help`` prints the package's description)."""
     p = argparse.ArgumentParser(description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="where the step JSONs, summary.json and gpu_check.log go")
     p.add_argument("--dry-run", action="store_true", help="on CPU at tiny sizes (well under a minute)")
@@ -36,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the check (or, with ``--child``, one step's process); returns the summary written last."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return child_main(argv[1:])

@@ -28,6 +28,8 @@ class Plan:
 
 @dataclass
 class Step:
+    """One step: its name, what it measures, its limit and the least budget it needs, and its plan."""
+
     name: str
     title: str
     timeout_s: float  # its own limit on CUDA
