@@ -1,5 +1,7 @@
 """The steps of the GPU check: what each runs (a :class:`Plan`: a command, and how its JSON result
-becomes the step's record), in the order they run, with their time limits and targets."""
+becomes the step's record), in the order they run, with their time limits and targets. Every
+``plan_*`` function takes the run (:class:`titok_bench.gpu_check.supervisor.Run`: its options,
+dry-run configs, temporary folder and the records so far) and returns a Plan or the reason to skip."""
 from __future__ import annotations
 
 import os
@@ -7,10 +9,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from titok_bench.gpu_check.supervisor import Run
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 OFFICIAL_CONFIG = Path("configs") / "infer" / "TiTok" / "titok_l32.yaml"
@@ -34,7 +33,7 @@ class Step:
     title: str
     timeout_s: float  # its own limit on CUDA
     min_s: float  # skipped when the budget left is below this
-    plan: Callable[["Run"], "Plan | str"]  # a str is the reason to skip
+    plan: Callable[..., "Plan | str"]  # a str is the reason to skip
     group: str = "figure"
 
 
@@ -64,7 +63,7 @@ def _path_errors(result: dict) -> str | None:
 # ---- env
 
 
-def plan_env(run: "Run") -> Plan:
+def plan_env(run) -> Plan:
     def summarize(r: dict) -> dict:
         cuda = r.get("cuda_available")
         out = {"figure": "device", "value": r.get("device_name"), "unit": None, "met": None, "facts": r}
@@ -81,7 +80,7 @@ def plan_env(run: "Run") -> Plan:
 # ---- sampling (P1, P1b, the P1 probe)
 
 
-def _sampling_args(run: "Run", preset: str, batch: int, batches: int, warmup: int) -> list:
+def _sampling_args(run, preset: str, batch: int, batches: int, warmup: int) -> list:
     if run.dry_run:
         tiny = run.tiny[preset]
         return ["--preset", tiny, "--tokenizer", tiny, "--device", "cpu", "--dtype", "fp32", "--batch-size", 4,
@@ -112,14 +111,14 @@ def _summarize_sampling(target: dict | None) -> Callable[[dict], dict]:
     return summarize
 
 
-def plan_p1(run: "Run") -> Plan:
+def plan_p1(run) -> Plan:
     args = _sampling_args(run, "maskgit_l32", run.args.p1_batch, 8, 3)
     return Plan(_bench("titok_bench.sampling", *args, "--paths", "eager,fast", "--probe", "no"),
                 _summarize_sampling(_target(">=", 800, "samples/s")))
 
 
-def _plan_p1b(preset: str) -> Callable[["Run"], Plan]:
-    def plan(run: "Run") -> Plan:
+def _plan_p1b(preset: str) -> Callable[..., Plan]:
+    def plan(run) -> Plan:
         args = _sampling_args(run, preset, run.args.p1b_batch, 3, 2)
         return Plan(_bench("titok_bench.sampling", *args, "--paths", "eager,fast", "--probe", "no"),
                     _summarize_sampling(None))
@@ -127,7 +126,7 @@ def _plan_p1b(preset: str) -> Callable[["Run"], Plan]:
     return plan
 
 
-def plan_probe_p1(run: "Run") -> Plan | str:
+def plan_probe_p1(run) -> Plan | str:
     if run.dry_run:
         return "dry-run: the largest-batch probe measures running out of CUDA memory (None on CPU)"
     args = _sampling_args(run, "maskgit_l32", run.args.p1_batch, 1, 0)
@@ -146,7 +145,7 @@ def plan_probe_p1(run: "Run") -> Plan | str:
 # ---- gpu tests
 
 
-def plan_gpu_tests(run: "Run") -> Plan | str:
+def plan_gpu_tests(run) -> Plan | str:
     if run.dry_run:
         return "dry-run: the gpu tests need CUDA (pytest -m gpu skips them on CPU)"
     xml = run.tmp / "gpu_tests.xml"
@@ -170,7 +169,7 @@ def plan_gpu_tests(run: "Run") -> Plan | str:
 # ---- training (P3)
 
 
-def plan_p3(run: "Run") -> Plan:
+def plan_p3(run) -> Plan:
     if run.dry_run:
         args = ["--preset", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--batch-size", 8,
                 "--steps", 2, "--warmup", 1, "--cache-size", 64, "--num-workers", 0]
@@ -195,7 +194,7 @@ def plan_p3(run: "Run") -> Plan:
 # ---- token cache (P4)
 
 
-def plan_p4(run: "Run") -> Plan:
+def plan_p4(run) -> Plan:
     if run.dry_run:
         args = ["--tokenizer", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--images", 8,
                 "--batch-size", 4, "--num-workers", 0, "--warmup-batches", 1]
@@ -225,7 +224,7 @@ def plan_p4(run: "Run") -> Plan:
 P6_SAMPLES = 50_000
 
 
-def _eval_args(run: "Run", num_samples: int, *, compiled: bool) -> list:
+def _eval_args(run, num_samples: int, *, compiled: bool) -> list:
     if run.dry_run:
         tiny = run.tiny["maskgit_l32"]
         # Inception's IS needs 10 images (10 splits).
@@ -236,7 +235,7 @@ def _eval_args(run: "Run", num_samples: int, *, compiled: bool) -> list:
             "--batch-size", run.args.p6_batch, *modes]
 
 
-def plan_p6(run: "Run") -> Plan:
+def plan_p6(run) -> Plan:
     args = [*_eval_args(run, run.args.p6_samples, compiled=True), "--probe", "no"]
     target = _target("<=", 120, f"s for {P6_SAMPLES:,} samples")
     if run.dry_run:  # the FID's matrix square root is half a minute of CPU; the figure does not include it
@@ -256,7 +255,7 @@ def plan_p6(run: "Run") -> Plan:
     return Plan(argv, summarize)
 
 
-def plan_probe_p6(run: "Run") -> Plan | str:
+def plan_probe_p6(run) -> Plan | str:
     if run.dry_run:
         return "dry-run: the largest-batch probe measures running out of CUDA memory (None on CPU)"
     args = [*_eval_args(run, run.args.p6_batch, compiled=False), "--warmup-samples", 0, "--probe", "yes",
@@ -274,7 +273,7 @@ def plan_probe_p6(run: "Run") -> Plan | str:
 # ---- the official code side by side
 
 
-def plan_sbs(run: "Run") -> Plan | str:
+def plan_sbs(run) -> Plan | str:
     tool, official = run.sbs_tool, run.official
     if run.dry_run and not (run.args.sbs_tool and run.args.official):
         return "dry-run: the official code has no tiny sizes (pass --sbs-tool and --official to run it anyway)"
@@ -326,8 +325,8 @@ def _official_peak_mb(samples: list[dict]) -> float | None:
 PROFILED = ("p1_l32", "p3_train", "p4_cache", "p6_gfid")
 
 
-def plan_profile(of: str) -> Callable[["Run"], Plan | str]:
-    def plan(run: "Run") -> Plan | str:
+def plan_profile(of: str) -> Callable[..., Plan | str]:
+    def plan(run) -> Plan | str:
         if of == "p1_l32":
             args = ["titok_bench.sampling", "--", *_sampling_args(run, "maskgit_l32", run.args.p1_batch, 2, 2),
                     "--paths", "fast", "--probe", "no"]
@@ -395,9 +394,3 @@ PROBE_STEPS = [
          group="probe"),
 ]
 ALL_STEPS = STEPS + PROFILE_STEPS + PROBE_STEPS
-# Figures of the summary table: (label, step, step with its largest batch).
-FIGURES = [
-    ("P1 L-32", "p1_l32", "probe_p1_l32"), ("P1 vs official", "sbs_official", None), ("gpu tests", "gpu_tests", None),
-    ("P3 train", "p3_train", None), ("P4 cache", "p4_cache", None), ("P1b B-64", "p1b_b64", None),
-    ("P1b S-128", "p1b_s128", None), ("P6 gFID", "p6_gfid", "probe_p6_gfid"),
-]

@@ -17,10 +17,16 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree
 
-from titok_bench.gpu_check.steps import FIGURES, REPO, Plan, Step
+from titok_bench.gpu_check.steps import REPO, Plan, Step
 from titok_bench.gpu_check.tiny import tiny_config
 
 LOG_NAME = "gpu_check.log"
+# Figures of the summary table: (label, step, step with its largest batch).
+FIGURES = [
+    ("P1 L-32", "p1_l32", "probe_p1_l32"), ("P1 vs official", "sbs_official", None), ("gpu tests", "gpu_tests", None),
+    ("P3 train", "p3_train", None), ("P4 cache", "p4_cache", None), ("P1b B-64", "p1b_b64", None),
+    ("P1b S-128", "p1b_s128", None), ("P6 gFID", "p6_gfid", "probe_p6_gfid"),
+]
 
 
 class Run:
