@@ -17,19 +17,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from eval import adm
-from eval.fidelity import (
-    FEATURE_DIM,
-    InceptionFeatures,
-    ReferenceBatch,
-    ReferenceStatsError,
-    fid_from_stats,
-    gather_rows,
-    load_reference,
-)
+from eval.fidelity import FEATURE_DIM, InceptionFeatures, gather_rows
+from eval.reference import ReferenceBatch, ReferenceStatsError, load_reference
 from eval.samples import class_balanced_labels, interleaved_order, pipeline_from_config, sampler_and_decoder
 from eval.state import Progress, RowLog, fingerprint
 from sampling.fast import pipelined
 from titok_core.images import save_png, to_uint8
+from titok_core.metrics import fid_from_stats
 from titok_core.runtime import autocast
 from titok_core.runs import file_identity
 

@@ -13,10 +13,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from eval.fidelity import InceptionFeatures, center_crop_uint8, fid_from_stats, list_image_files
+from eval.fidelity import InceptionFeatures
+from eval.reference import center_crop_uint8
 from eval.state import Progress, fingerprint
 from titok_core.images import to_uint8
-from titok_core.metrics import psnr, ssim
+from titok_core.data import list_image_files
+from titok_core.metrics import fid_from_stats, psnr, ssim
 from titok_core.runtime import autocast
 from titok_core.runs import dataset_fingerprint, file_identity
 from tokenizer import CheckpointError, load_tokenizer

@@ -192,7 +192,7 @@ def test_generate_demo_run_default(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def reference_npz(tmp_path_factory) -> Path:
     """Reference statistics in the format eval writes (mu [2048], sigma [2048,2048]), random but valid."""
-    from eval.fidelity import save_reference_stats
+    from eval.reference import save_reference_stats
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(64, 2048))

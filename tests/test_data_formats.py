@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CONF, FIXTURES
 from generator.cache import build_stream_shards, build_token_cache, cache_manifest, merge_shards
 from tokenizer import load_tokenizer
 from titok_core.formats import detect_format, has_split, open_split
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CLASSES = ["n01_cat", "n02_dog", "n03_eel"]
 
 
@@ -209,7 +209,7 @@ def test_vae_tokenizer_is_refused_by_the_cache(stores, tmp_path):
 def _rfid_cfg(tokenizer: str, data_root: str, inception_weights, tmp_path, **extra):
     from hydra import compose, initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf" / "eval")
+    conf = str(CONF / "eval")
     # Quoted, as on a command line: braces are Hydra syntax.
     overrides = [f"{k}={v}" for k, v in {
         "mode": "rfid", "tokenizer.spec": tokenizer, "data.root": f"'{data_root}'", "num_samples": 9, "batch_size": 4,

@@ -45,10 +45,9 @@ from titok_core.runs import builtin_for, default_run_dir
 from tokenizer import build_tokenizer, load_tokenizer, official as tokenizer_official
 from tokenizer.assets import shipped_path as shipped_tokenizer
 from tokenizer.presets import PRESETS as TOKENIZER_PRESETS, titok_small
+from conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER_EXPERIMENTS = sorted(p.stem for p in (CONF / "tokenizer" / "experiment").glob("*.yaml"))
 GENERATOR_EXPERIMENTS = sorted(p.stem for p in (CONF / "generator" / "experiment").glob("*.yaml"))
 STAGES = sorted((e for e in TOKENIZER_EXPERIMENTS if re.fullmatch(r"titok_demo_stage\d+", e)),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from generator import load_generator
 from generator.train import train
 from titok_core.checkpoints import read_model_extra
@@ -52,7 +52,7 @@ def test_ddp_two_cpu_processes(official_tiny, tmp_path, on_device):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = subprocess.run(
-        [sys.executable, "-m", "generator.train", *args], cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-m", "generator.train", *args], cwd=REPO,
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]

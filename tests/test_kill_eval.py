@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from jobs import Job
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "official_tiny"
 SEED = 7351  # every kill point below derives from it
 FEATURE_BYTES = 2048 * 4  # one row of the features RowLog: float32 [2048]

@@ -2,7 +2,7 @@
 
     python -m titok_bench.cache --tokenizer titok_l32 --images 4096 --batch-size 256 --dtype bf16
     python -m titok_bench.cache --folder /data/imagenet/val --images 8192 --compile
-Prints one JSON line. For each decode path (``--decode``; see ``generator.cache.build_shards``):
+Prints one JSON line. For each decode path (``--decode``; see ``generator.cache.shards.build_shards``):
 images/s of building the shards (read, decode, resize + crop, encode the image and its mirror,
 write; the manifest and merge are not timed), images/s of reading + decoding + preprocessing
 alone, and peak memory. Then how far the device path agrees with the PIL path: the share of
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from generator.cache import _collate, _on_device, _ShardBatches, build_shards
+from generator.cache.shards import _collate, _on_device, _ShardBatches, build_shards
 from generator.device_decode import EncodedImages, collate_encoded, decode_batch
 from tokenizer import PRESETS, load_tokenizer
 from titok_bench.timing import largest_batch, peak_memory_mb

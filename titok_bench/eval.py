@@ -50,7 +50,7 @@ def random_inception_weights(path: Path) -> Path:
 
 
 def random_reference(path: Path) -> Path:
-    from eval.fidelity import save_reference_stats
+    from eval.reference import save_reference_stats
 
     features = np.random.default_rng(0).normal(size=(4096, 2048))
     return save_reference_stats(path, features.mean(0), np.cov(features, rowvar=False), {"source": "random"})

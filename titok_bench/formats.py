@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from generator.cache import build_token_cache
+from generator.cache.build import build_token_cache
 from tokenizer import load_tokenizer
 from titok_core.formats import open_split
 from titok_core.runtime import pick_device

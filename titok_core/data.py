@@ -158,6 +158,19 @@ def _scan(folder: str) -> list[str]:
     return sorted(found)
 
 
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted by path (so runs and ranks agree).
+
+    The one rule every reader of an image folder uses (:class:`ImageFolderDataset` in each class
+    folder, :func:`list_images`, rFID, reference statistics, the demo classifier), so that they
+    all count the same images: a file whose extension is in ``IMAGE_EXTENSIONS`` (any case), and
+    nothing hidden. Files and folders whose name starts with "." are skipped: macOS's
+    ``._photo.jpg`` resource forks and the copies in ``.ipynb_checkpoints`` are not images of the
+    set (the first do not even decode). Links to folders are followed.
+    """
+    return [Path(p) for p in _scan(os.fspath(folder))]
+
+
 def list_images(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Files and folders (and glob patterns) -> image files, in the order given, each folder sorted.
 
