@@ -33,6 +33,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from tqdm import tqdm
 
 from titok_core.checkpoints import CheckpointError, atomic_path, read_state_dict
+from titok_core.errors import BadFileError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class InceptionWeightsError(CheckpointError):
     """The Inception weights cannot be found or read; the message is one line."""
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(BadFileError):
     """A reference-statistics file that cannot be used; the message is one line."""
 
 
@@ -195,7 +196,7 @@ class InceptionFeatures:
         """(mu float64 [2048], sigma float64 [2048,2048]) of all images; collective under DDP."""
         self.sync()
         if self.count < 2:
-            raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
+            raise UsageError(f"FID statistics need at least 2 images, got {self.count}")
         mu = self._sum / self.count
         # Unbiased covariance, as np.cov (torch-fidelity) computes it.
         sigma = (self._outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
@@ -209,7 +210,7 @@ class InceptionFeatures:
         self.sync()
         logits = self.logits()
         if logits.shape[0] < splits:
-            raise ValueError(f"IS with {splits} splits needs at least {splits} images, got {logits.shape[0]}")
+            raise UsageError(f"IS with {splits} splits needs at least {splits} images, got {logits.shape[0]}")
         out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=ISC_SHUFFLE_SEED)
         return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 

@@ -1,7 +1,8 @@
 """Token cache: a frozen tokenizer turns an image dataset into token sequences with labels.
 
 Each image is tokenized as is and horizontally flipped (two sequences, as the official
-pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a finished cache directory::
+pre-tokenisation), or as is only (``data.hflip=false``, ``flip=False`` here: data whose mirror is
+another thing). Layout of a finished cache directory::
 
     manifest.json   format, tokenizer identity (source, config, fingerprint), dataset identity
                     (absolute root, split, format, a fingerprint of its files), resolution,
@@ -49,54 +50,25 @@ from tqdm import tqdm
 
 from titok_core.checkpoints import atomic_path
 from titok_core.data import ImageFolderDataset, preprocess
-from titok_core.formats import WebDatasetShards, decode_sample
+from titok_core.cli import Ranges, hydra_entry
+from titok_core.formats import WebDatasetShards, decode_sample, open_split
+from titok_core.runs import dataset_identity, urls_fingerprint
+from titok_core.errors import MismatchError, MissingFileError, UsageError
 from titok_core.runtime import autocast
 
 log = logging.getLogger(__name__)
 FORMAT = "titok-gen-token-cache/1"
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(MismatchError):
     """A cache made by another tokenizer, for another resolution or from another dataset, or whose
     files do not match its manifest; one-line message."""
-
-
-def _files_fingerprint(paths: list[str]) -> dict:
-    """How many files and a hash of their names and sizes (remote URLs: the whole URL, size -1), as
-    :func:`titok_core.runs.dataset_fingerprint` does for a folder."""
-    from titok_core.runs import names_and_sizes_fingerprint
-
-    entries = []
-    for path in paths:
-        local = "://" not in path and not path.startswith("pipe:")
-        size = os.path.getsize(path) if local and os.path.isfile(path) else -1
-        entries.append((os.path.basename(path) if local else path, size))
-    return names_and_sizes_fingerprint(entries)
-
-
-def dataset_identity(root: str | os.PathLike, split: str | None, data_format: str = "auto") -> dict:
-    """What a cache records of its dataset: absolute root, split, format and a cheap fingerprint of
-    the files the split is read from (names and sizes, no contents; see
-    :func:`titok_core.runs.dataset_fingerprint`). Two caches of the same split of the same files agree."""
-    from titok_core.formats import _check_format, is_saved_dataset, parquet_files, webdataset_urls
-    from titok_core.runs import dataset_fingerprint
-
-    fmt = _check_format(data_format, root)
-    text = os.fspath(root)
-    absolute = text if "://" in text else os.path.abspath(text)
-    if fmt == "webdataset":
-        files = _files_fingerprint(webdataset_urls(root, split))
-    elif fmt == "hf" and not is_saved_dataset(text):  # parquet: the split's own files, as the dataset reads them
-        files = _files_fingerprint([str(p) for p in parquet_files(text, split)])
-    else:
-        files = dataset_fingerprint(root, split)
-    return {"root": absolute, "split": split, "format": fmt, **files}
 
 
 def _identity_of(dataset) -> dict | None:
     """The identity of a dataset opened by :func:`titok_core.formats.open_split` without a known split
     (its root is then the split itself); None for one that is not read from files."""
-    root, fmt = getattr(dataset, "root", None), getattr(dataset, "data_format", None)
+    root, fmt = getattr(dataset, "root", None), getattr(dataset, "format", None)
     if fmt is None and isinstance(dataset, ImageFolderDataset):
         fmt = "folder"
     if root is None or fmt is None:
@@ -104,7 +76,7 @@ def _identity_of(dataset) -> dict | None:
     if isinstance(dataset, WebDatasetShards):
         text = os.fspath(root)
         return {"root": text if "://" in text else os.path.abspath(text), "split": None, "format": fmt,
-                **_files_fingerprint(list(dataset.urls))}
+                **urls_fingerprint(list(dataset.urls))}
     return dataset_identity(root, None, fmt)
 
 
@@ -180,7 +152,7 @@ def build_shards(
     tokenizer's encoder in place (its state dict is unchanged).
     """
     if decode not in DECODERS:
-        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        raise UsageError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     out_dir, device = Path(out_dir), torch.device(device)
     n = len(dataset)
     num_shards = (n + batch_size - 1) // batch_size
@@ -334,9 +306,9 @@ def merge_shards(
         raise RuntimeError(f"cannot merge the token cache: {len(missing)} shard(s) missing, e.g. {missing[0]}")
     parts = [np.load(p) for p in paths]
     total = sum(int(p["tokens"].shape[0]) for p in parts)
-    seq_len = manifest["num_tokens"]
+    num_tokens = manifest["num_tokens"]
     with atomic_path(out_dir / "tokens.npy") as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(total, seq_len))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(total, num_tokens))
         start = 0
         for p in parts:
             t = p["tokens"]
@@ -376,7 +348,7 @@ def cache_manifest(
         "num_images": None if stream else len(dataset),  # streams: counted when merged
         "classes": list(getattr(dataset, "classes", [])),
         "dataset_root": str(getattr(dataset, "root", "")),
-        "data_format": getattr(dataset, "data_format", "folder" if isinstance(dataset, ImageFolderDataset) else None),
+        "data_format": getattr(dataset, "format", "folder" if isinstance(dataset, ImageFolderDataset) else None),
         "data": data if data is not None else _identity_of(dataset),
         "flip": bool(flip),
         "decode": decode,
@@ -430,7 +402,7 @@ def check_cache(
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no finished token cache at {out_dir} (manifest.json missing)")
+        raise MissingFileError(f"no finished token cache at {out_dir} (manifest.json missing)")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -451,7 +423,8 @@ def check_cache(
         )
     if flip is not None and manifest.get("flip", True) != flip:
         raise CacheMismatchError(
-            f"token cache {out_dir} was made with flip={manifest.get('flip', True)}, not flip={flip}"
+            f"token cache {out_dir} was made with data.hflip={str(manifest.get('flip', True)).lower()}, "
+            f"not data.hflip={str(flip).lower()}"
         )
     if data is not None:
         made_from = manifest.get("data")
@@ -612,27 +585,56 @@ def default_cache_dir(*, root: str | os.PathLike, split: str, tokenizer: torch.n
     return Path("data/token_cache") / f"{dataset_name(root)}-{where}-{split}-{tokenizer_fingerprint(tokenizer)}{suffix}"
 
 
+# The cache group's options with a range (generator.cache and generator.train).
+CACHE_RANGES = Ranges(at_least_one=("cache.batch_size",), not_negative=("cache.num_workers",))
+
+
+def open_cache(
+    *, tokenizer: torch.nn.Module, tokenizer_source: str, data, cache, device: torch.device | str = "cpu",
+    fabric=None, identity: dict | None = None, refuse_to_build: str | None = None,
+) -> tuple[Path, dict]:
+    """The token cache of a dataset by ``tokenizer``: checked when it exists, else built (or resumed).
+
+    The one way from options to a cache, for ``python -m generator.cache`` and ``generator.train``.
+    data: the ``data`` group (root, split, format; hflip: the cache also holds each image's mirror);
+    cache: the ``cache`` group (dir, else :func:`default_cache_dir`; batch_size, dtype, num_workers,
+    decode, compile); identity: the dataset's :func:`dataset_identity` when the caller has it.
+    refuse_to_build: when given, a missing cache is not built: MissingFileError
+    ``no token cache at DIR: <refuse_to_build>``. Returns (cache directory, manifest).
+    """
+    identity = identity if identity is not None else dataset_identity(data.root, data.split, data.format)
+    out_dir = Path(cache.dir or default_cache_dir(root=data.root, split=data.split, tokenizer=tokenizer,
+                                                 flip=data.hflip))
+    if (out_dir / "manifest.json").is_file():
+        manifest = check_cache(out_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size,
+                               flip=data.hflip, data=identity)
+        # A kill after the manifest was written but before the shards were removed leaves them: drop them.
+        shutil.rmtree(out_dir / "shards", ignore_errors=True)
+        return out_dir, manifest
+    if refuse_to_build:
+        raise MissingFileError(f"no token cache at {out_dir}: {refuse_to_build}")
+    dataset = open_split(data.root, data.split, format=data.format, resolution=tokenizer.image_size)
+    manifest = build_token_cache(
+        tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, out_dir=out_dir, device=device,
+        fabric=fabric, data=identity, flip=data.hflip, **{k: v for k, v in cache.items() if k != "dir"},
+    )
+    return out_dir, manifest
+
+
 def _main(cfg) -> None:
     """``python -m generator.cache``: tokenize a dataset (any format of titok_core.formats), across
     GPUs/processes with Lightning Fabric."""
     from lightning import Fabric
 
     from tokenizer import load_tokenizer
-    from titok_core.formats import open_split
-    from titok_core.runtime import exit_on_user_error
+    from titok_core.errors import exit_on_user_error
 
     fabric = Fabric(**cfg.trainer)
     fabric.launch()
     with exit_on_user_error():
         tok = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
-        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.format, resolution=tok.image_size)
-        out_dir = Path(cfg.cache.dir or default_cache_dir(root=cfg.data.root, split=cfg.data.split, tokenizer=tok,
-                                                         flip=cfg.cache.flip))
-        manifest = build_token_cache(
-            tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=out_dir,
-            device=fabric.device, fabric=fabric, data=dataset_identity(cfg.data.root, cfg.data.split, cfg.data.format),
-            **{k: v for k, v in cfg.cache.items() if k != "dir"},
-        )
+        out_dir, manifest = open_cache(tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), data=cfg.data,
+                                       cache=cfg.cache, device=fabric.device, fabric=fabric)
     if fabric.is_global_zero:
         print(
             f"token cache {out_dir}: {manifest['num_sequences']} sequences of {manifest['num_tokens']} tokens "
@@ -645,16 +647,14 @@ RENAMED = {
     "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype", "num_workers": "cache.num_workers",
     "decode": "cache.decode", "compile": "cache.compile", "accelerator": "trainer.accelerator",
     "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
+    "cache.flip": "data.hflip",
 }
+SCALAR_GROUPS = {"tokenizer": "tokenizer.spec"}
 
 
-def main() -> None:
-    from titok_core.cli import hydra_entry
-
-    entry = hydra_entry(config="generator/cache", description=__doc__, renamed=RENAMED,
-                        scalar_groups={"tokenizer": "tokenizer.spec"},
-                        on_interrupt="interrupted: the finished shards are kept; run the same command to resume")
-    entry(_main)()
+main = hydra_entry(config="generator/cache", description=__doc__, renamed=RENAMED, scalar_groups=SCALAR_GROUPS,
+                   ranges=CACHE_RANGES | Ranges(at_least_one=("trainer.num_nodes",)),
+                   on_interrupt="interrupted: the finished shards are kept; run the same command to resume")(_main)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Subset
 
 from generator.cache import TokenDataset
 
+from titok_core.errors import UsageError
+
 
 # Test-only: with this variable naming a directory, every rank appends the cache rows of each
 # training batch it draws to <dir>/rank<R>.txt, one line a batch (tests/test_multinode.py checks
@@ -124,11 +126,11 @@ class DeviceTokenLoader:
             yield self.tokens.index_select(0, idx).long(), self.labels.index_select(0, idx).long()
 
 
-def fits_on_device(num_sequences: int, seq_len: int, device: torch.device, *, share: float = 0.25) -> bool:
+def fits_on_device(num_sequences: int, num_tokens: int, device: torch.device, *, share: float = 0.25) -> bool:
     """Whether the cache as int32 takes at most ``share`` of the device's memory (CUDA only)."""
     if device.type != "cuda":
         return False
-    return num_sequences * (seq_len + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
+    return num_sequences * (num_tokens + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -143,7 +145,7 @@ class TokenDataModule(L.LightningDataModule):
                  seed: int = 0, on_device: bool | str = "auto"):
         super().__init__()
         if on_device not in ("auto", True, False):
-            raise ValueError(f"data_on_device must be auto, true or false, got {on_device!r}")
+            raise UsageError(f"data_on_device must be auto, true or false, got {on_device!r}")
         self.data, self.batch_size, self.num_workers, self.seed = data, batch_size, num_workers, seed
         self.on_device = on_device
         n = len(data)

@@ -111,8 +111,9 @@ def test_benchmark_json_on_the_tiny_pipeline(official_tiny, capsys):
 
     fx = official_tiny
     result = benchmark.main([
-        "--preset", str(fx / "generator_imagebert" / "config.yaml"), "--checkpoint", str(fx / "generator_imagebert" / "generator.bin"),
-        "--tokenizer", str(fx / "tokenizer" / "config.yaml"), "--device", "cpu", "--dtype", "fp32", "--batch-size", "3",
+        "--generator-spec", str(fx / "generator_imagebert" / "config.yaml"),
+        "--generator-checkpoint", str(fx / "generator_imagebert" / "generator.bin"),
+        "--tokenizer-spec", str(fx / "tokenizer" / "config.yaml"), "--device", "cpu", "--dtype", "fp32", "--batch-size", "3",
         "--batches", "2", "--warmup", "1", "--sampler-compile", "none", "--decoder-compile", "none",
     ])
     assert json.loads(capsys.readouterr().out) == result

@@ -12,7 +12,8 @@ from conftest import compose_config
 from tokenizer import TiTokConfig, load_tokenizer
 from tokenizer.model import PixelDecoder
 from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
-from tokenizer.train import train, usage_figure
+from tokenizer.figures import usage_figure
+from tokenizer.train import train
 from tokenizer.lightning_module import LPIPS, CodeUsage, codebook_perplexity, codebook_usage, token_counts
 
 TINY = {

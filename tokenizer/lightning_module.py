@@ -4,8 +4,8 @@ Two recipes, picked by the model's ``decoder_output``:
 
 * ``"rgb"`` or ``"conv"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's
   codebook and commitment (0.25) losses (none for FSQ), plus an image-gradient L1 term when
-  ``gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from
-  ``gan_start_step`` when ``gan_weight > 0``.
+  ``loss.gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from
+  step ``loss.gan.start_step`` when ``loss.gan.weight > 0``.
 * ``"proxy_codes"`` (the official stage 1): cross-entropy of the decoder's logits against the
   codes a frozen MaskGIT-VQGAN assigns to each patch (:mod:`tokenizer.proxy_codes`), plus the
   quantiser losses. The VQGAN decoder is copied in, frozen, so the model renders pixels.
@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tokenizer import build_tokenizer
+from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError, read_state_dict
 from tokenizer.model import FSQ, VectorQuantizer
 from titok_core.lr_schedule import warmup_cosine
@@ -130,7 +131,7 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
         return F.mse_loss(recon.float(), target.float())
     if kind == "l1":
         return F.l1_loss(recon.float(), target.float())
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+    raise UsageError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
 def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -366,19 +367,19 @@ class TiTokModule(L.LightningModule):
         self.proxy = None
         if config.get("decoder_output", "proxy_codes") == "proxy_codes":
             if not vqgan_checkpoint:
-                raise ValueError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
+                raise UsageError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
                                  "checkpoint (proxy.vqgan_checkpoint), or use decoder_output 'rgb'")
             from tokenizer.proxy_codes import load_maskgit_vqgan
 
             self.proxy, implied, pixel_state = load_maskgit_vqgan(vqgan_checkpoint)
             for key, value in implied.items():
                 if config.setdefault(key, value) != value:
-                    raise ValueError(f"model {key}={config[key]} does not match the VQGAN ({value})")
+                    raise UsageError(f"model {key}={config[key]} does not match the VQGAN ({value})")
         self.model = build_tokenizer(config)
         if self.proxy is not None:
             factor = 2 ** (len(self.proxy.encoder.down) - 1)
             if factor != self.model.config.patch_size:
-                raise ValueError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
+                raise UsageError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
             missing = self.model.load_state_dict(pixel_state, strict=False)
             if missing.unexpected_keys:
                 raise CheckpointError(f"VQGAN decoder keys not in the model: {missing.unexpected_keys[:3]}")
@@ -401,7 +402,7 @@ class TiTokModule(L.LightningModule):
         self.prior = None
         if lc.rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
-                raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
+                raise UsageError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
         self.lpips = None
