@@ -415,7 +415,7 @@ def check_cache(
     if fingerprint is not None and made_by != fingerprint:
         raise CacheMismatchError(
             f"token cache {out_dir} was made by another tokenizer ({manifest['tokenizer']['source']}, "
-            f"fingerprint {made_by}, this one {fingerprint}); use another cache_dir or delete it"
+            f"fingerprint {made_by}, this one {fingerprint}); use another cache.dir or delete it"
         )
     if resolution is not None and manifest["resolution"] != resolution:
         raise CacheMismatchError(
@@ -550,7 +550,7 @@ def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, 
         if old != plan:
             diff = ", ".join(f"{k} (was {old.get(k)}, now {plan[k]})" if k != "shards" else k
                              for k in plan if old.get(k) != plan[k])
-            raise CacheMismatchError(f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
+            raise CacheMismatchError(f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache.dir")
         return
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(plan))

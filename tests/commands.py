@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+PAD = 2  # sampling and reconstruction grids: torchvision's make_grid padding
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None,

@@ -11,9 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from commands import json_line, png_size, run_module as run_cli, tiny_args, tiny_generator_file, tiny_models, write_pngs
-
-PAD = 2  # sampling and reconstruction grids: torchvision's make_grid padding
+from commands import PAD, json_line, png_size, run_module as run_cli, tiny_args, tiny_generator_file, tiny_models, write_pngs
 
 
 @pytest.fixture(scope="module")

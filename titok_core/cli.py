@@ -116,9 +116,9 @@ class Ranges:
 
     at_least_one: counts (batch sizes, steps); positive: rates (learning rates); not_negative:
     sizes that may be 0 (workers, warm-up steps, a guidance scale). null keeps its meaning where
-    an option allows it. ``a | b`` is both; each group of options declares its own beside the
-    code that reads it (the trainer's in :mod:`titok_core.training`, the sampler's in
-    :mod:`generator.sampler`, ...).
+    an option allows it. ``a | b`` is both. Each entry point passes its own to :func:`hydra_entry`,
+    made of those of its config groups, each declared beside the code that reads the group (the
+    trainers' common options: :data:`titok_core.training.TRAINER_RANGES`).
     """
 
     at_least_one: tuple[str, ...] = ()

@@ -30,16 +30,14 @@ class UserError(Exception):
     """A user's mistake; the message is one line that names the problem (and, when there is one, the fix).
 
     Raised in a DataLoader worker, it comes back to the main process rebuilt from the worker's
-    whole traceback (``message=`` ``Caught <Name> in DataLoader worker ...``): the message is cut
-    back to the original line, so the user still reads one line.
+    whole traceback (``Caught <Name> in DataLoader worker ...``; torch's ExceptionWrapper.reraise):
+    the message is cut back to the original line, so the user still reads one line.
     """
 
-    def __init__(self, *args, message: str | None = None):
-        if message is not None:  # torch's ExceptionWrapper.reraise
-            name = type(self).__name__
-            if message.startswith(f"Caught {name} "):
-                message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
-            args = (message,)
+    def __init__(self, *args):
+        name = type(self).__name__
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(f"Caught {name} "):
+            args = (args[0].rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1],)
         super().__init__(*args)
 
 
