@@ -1,5 +1,5 @@
 """Every entry point's command line and its mistakes: each user error is one ``error:`` line and
-exit 2, a bug keeps its traceback, and ``--help`` explains the options.
+exit 2, a bug keeps its traceback, and ``--help`` explains the options; the benchmarks' old flags too.
 
 The checks of a command line run in-process (each entry point's ``main.check``: what its
 ``main()`` runs before Hydra); the rest run as a user runs them, to pin the exit code and stderr.
@@ -335,3 +335,15 @@ def test_a_bug_keeps_its_traceback_and_the_variable_shows_a_user_errors(tmp_path
     assert "Traceback (most recent call last)" in proc.stderr and last in proc.stderr, proc.stderr
     assert not any(line.startswith("error: ") for line in proc.stderr.splitlines()), proc.stderr
     assert "tokenizer/reconstruct.py" in proc.stderr  # the frames of the entry point are shown
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("titok_bench.tokenizer", "--preset", "--tokenizer-spec"), ("titok_bench.generator", "--preset", "--generator-spec"),
+    ("titok_bench.sampling", "--checkpoint", "--generator-checkpoint"), ("titok_bench.eval", "--tokenizer", "--tokenizer-spec"),
+    ("titok_bench.cache", "--tokenizer", "--tokenizer-spec"), ("titok_bench.formats", "--split", "--data-split"),
+])
+def test_a_benchmark_flag_of_the_old_vocabulary_names_the_new_one(capsys, module, old, new):
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(["--data-root", "d", old, "v"] if module.endswith("formats") else [old, "v"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {old} was renamed: write {new} v\n"

@@ -22,7 +22,7 @@ from torch import nn
 
 from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES
-from titok_bench.flags import renamed_flags
+from titok_bench.flags import pipeline_flags
 from titok_bench.timing import largest_batch, peak_memory_mb
 from titok_core.runtime import pick_device
 
@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from eval.samples import pipeline_from_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator-spec", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or a config)")
-    p.add_argument("--generator-checkpoint", default=None, help="generator weights (default: random)")
-    p.add_argument("--tokenizer-spec", default=None, help="tokenizer spec (default: the preset's)")
-    p.add_argument("--tokenizer-checkpoint", default=None, help="tokenizer weights (default: random)")
-    renamed_flags(p, {"--preset": "--generator-spec", "--checkpoint": "--generator-checkpoint",
-                      "--tokenizer": "--tokenizer-spec"})
+    pipeline_flags(p, presets=list(PRESETS))
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--dtype", default="auto")

@@ -30,7 +30,7 @@ from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES, FastDecoder, StaticSampler, pipelined, to_uint8
 from sampling.pipeline import load_pipeline
 from generator.sampler import sample_tokens
-from titok_bench.flags import renamed_flags
+from titok_bench.flags import pipeline_flags
 from titok_bench.timing import largest_batch, peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
 
@@ -97,12 +97,7 @@ def measure(path: "EndToEnd", *, batch_size: int, num_classes: int, batches: int
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator-spec", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or an official config)")
-    p.add_argument("--generator-checkpoint", default=None, help="generator weights (default: random)")
-    p.add_argument("--tokenizer-spec", default=None, help="tokenizer spec (default: the preset's)")
-    p.add_argument("--tokenizer-checkpoint", default=None, help="tokenizer weights (default: random)")
-    renamed_flags(p, {"--preset": "--generator-spec", "--checkpoint": "--generator-checkpoint",
-                      "--tokenizer": "--tokenizer-spec"})
+    pipeline_flags(p, presets=list(PRESETS))
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions (for --dtype fp32)")
