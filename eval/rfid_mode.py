@@ -29,9 +29,9 @@ def rfid_images(data: DictConfig, resolution: int):
     WebDataset shards. A folder is read recursively (class subfolders or not); the ADM centre
     crop (``center_crop_uint8``) prepares each image."""
     from titok_core.data import ImageRecordsDataset
-    from titok_core.formats import detect_format, open_split
+    from titok_core.formats import open_split, resolve_format
 
-    fmt = detect_format(data.root) if data.format == "auto" else data.format
+    fmt = resolve_format(data.format, data.root)
     transform = partial(center_crop_uint8, resolution=resolution)
     split = data.split
     if fmt == "folder":

@@ -302,39 +302,51 @@ def test_only_user_errors_become_one_line(capsys, monkeypatch):
     assert all(issubclass(c, UserError) for c in (UsageError, MissingFileError, BadFileError))
 
 
-_BUG = """
+_BUG_THEN_FULL_ERROR = """
+import os
 import sys
+
 import tokenizer.reconstruct as entry
 
+args, real = sys.argv[1:], entry.pick_device
 
-def pick_device(name):  # a shape bug deep inside, as numpy or torch would raise it
+
+def bug(name):  # a shape bug deep inside, as numpy or torch would raise it
     raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
 
 
-entry.pick_device = pick_device
-sys.argv = ["tokenizer.reconstruct", *sys.argv[1:]]
-entry.main()
+for case in ("bug", "full-error"):  # one interpreter for both: the imports are most of the time
+    print(f"---- {case}", file=sys.stderr)
+    entry.pick_device = bug if case == "bug" else real
+    if case == "full-error":
+        os.environ["TITOK_FULL_ERROR"] = "1"
+    sys.argv = ["tokenizer.reconstruct", *args]
+    try:
+        entry.main()
+    except SystemExit as stop:
+        print(f"exit {stop.code}", file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("case", ["internal-ValueError", "user-error-with-TITOK_FULL_ERROR"])
-def test_a_bug_keeps_its_traceback_and_the_variable_shows_a_user_errors(tmp_path, case):
-    (tmp_path / "images").mkdir()
-    args = [f"inputs={tmp_path / 'images' / 'missing.png'}", "tokenizer.spec=titok_demo", f"out_dir={tmp_path / 'out'}"]
-    if case == "internal-ValueError":
-        (tmp_path / "bug.py").write_text(_BUG)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        env.pop("TITOK_FULL_ERROR", None)
-        proc = subprocess.run([sys.executable, str(tmp_path / "bug.py"), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=180)
-        last = "ValueError: operands could not be broadcast together with shapes (3,) (4,)"
-    else:
-        proc = run_module("tokenizer.reconstruct", *args, cwd=tmp_path, env={"TITOK_FULL_ERROR": "1"})
-        last = f"MissingFileError: no such file or folder: {tmp_path / 'images' / 'missing.png'}"
-    assert proc.returncode not in (0, 2), proc.stderr
-    assert "Traceback (most recent call last)" in proc.stderr and last in proc.stderr, proc.stderr
-    assert not any(line.startswith("error: ") for line in proc.stderr.splitlines()), proc.stderr
-    assert "tokenizer/reconstruct.py" in proc.stderr  # the frames of the entry point are shown
+def test_a_bug_keeps_its_traceback_and_TITOK_FULL_ERROR_shows_a_user_errors(tmp_path):
+    """tokenizer.reconstruct as a user runs it, first with a ValueError from inside (a bug: its
+    traceback, not one line), then with a missing input under TITOK_FULL_ERROR=1 (a user error,
+    shown with its traceback)."""
+    (tmp_path / "run.py").write_text(_BUG_THEN_FULL_ERROR)
+    missing = tmp_path / "images" / "missing.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TITOK_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), f"inputs={missing}", "tokenizer.spec=titok_demo",
+                           f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    bug, full = proc.stderr.split("---- full-error\n")
+    for err, last in ((bug, "ValueError: operands could not be broadcast together with shapes (3,) (4,)"),
+                      (full, f"MissingFileError: no such file or folder: {missing}")):
+        assert "Traceback (most recent call last)" in err and last in err, err
+        assert "tokenizer/reconstruct.py" in err  # the frames of the entry point are shown
+        assert not any(line.startswith("error: ") for line in err.splitlines()), err
+        assert err.rstrip().endswith("exit 1"), err  # not 2: that is the one-line exit
 
 
 @pytest.mark.parametrize("module, old, new", [
