@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from titok_core.errors import MissingFileError
 from titok_core.checkpoints import CheckpointError, read_model_file, save_model_file
 from titok_core.data import list_image_files
 from titok_core.metrics import features_to_stats, fid_from_stats
@@ -160,7 +161,7 @@ def class_names(root: str | os.PathLike, split: str = "train") -> list[str]:
     split_dir = Path(root) / split
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
     if not names:
-        raise FileNotFoundError(f"no class folders in {split_dir} (expected <root>/{split}/<class>/*.png)")
+        raise MissingFileError(f"no class folders in {split_dir} (expected <root>/{split}/<class>/*.png)")
     return names
 
 
@@ -182,7 +183,7 @@ def load_split(
                 images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             labels.append(label)
     if not images:
-        raise FileNotFoundError(f"no images under {Path(root) / split}")
+        raise MissingFileError(f"no images under {Path(root) / split}")
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 

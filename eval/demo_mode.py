@@ -12,6 +12,7 @@ from tqdm import tqdm
 from eval.adm import precision_recall
 from eval.samples import class_balanced_labels, pipeline_from_config
 from sampling import sample_tokens
+from titok_core.errors import MissingFileError
 from titok_core.images import save_png, to_uint8
 from titok_core.metrics import psnr
 from titok_core.runtime import autocast
@@ -52,7 +53,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
 
         make_builtin_dataset(builtin, root, size=pipe.tokenizer.image_size)  # a fresh directory: make it again
     if not root or not (Path(root) / "train").is_dir():
-        raise FileNotFoundError(f"demo data not found at {root}: pass data.root=... (the folder with train/ and val/)")
+        raise MissingFileError(f"demo data not found at {root}: pass data.root=... (the folder with train/ and val/)")
     res = pipe.tokenizer.image_size
     classifier = load_demo_classifier(root, device=str(device), steps=cfg.classifier_steps, resolution=res)
     shape_judge = load_demo_classifier(root, device=str(device), colour_blind=True, steps=cfg.colour_blind_steps,
@@ -122,7 +123,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         "precision_recall_real_train_vs_val": [real_precision, real_recall],
         "fid_label": DEMO_FID_LABEL, "classifier_val_accuracy": classifier.config.get("val_accuracy"),
         "num_samples": len(labels), "model": pipe.source, "sampling": pipe.sampling, "seed": cfg.seed,
-        "data_root": str(root), "generator_step": pipe.extra.get("global_step"),
+        "data": {"root": str(root)}, "generator_step": pipe.extra.get("global_step"),
         "reconstruction_psnr": recon_psnr / len(val_labels),
         "reconstruction_class_accuracy": float(recon_correct.sum()) / len(val_labels),
         "reconstruction_colour_blind_accuracy": float(recon_shape.sum()) / len(val_labels),

@@ -27,6 +27,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
 from titok_core.checkpoints import CheckpointError, read_state_dict
+from titok_core.errors import UsageError
 
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
@@ -177,7 +178,7 @@ class InceptionFeatures:
         """(mu float64 [2048], sigma float64 [2048,2048]) of all images; collective under DDP."""
         self.sync()
         if self.count < 2:
-            raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
+            raise UsageError(f"FID statistics need at least 2 images, got {self.count}")
         mu = self._sum / self.count
         # Unbiased covariance, as np.cov (torch-fidelity) computes it.
         sigma = (self._outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
@@ -191,7 +192,7 @@ class InceptionFeatures:
         self.sync()
         logits = self.logits()
         if logits.shape[0] < splits:
-            raise ValueError(f"IS with {splits} splits needs at least {splits} images, got {logits.shape[0]}")
+            raise UsageError(f"IS with {splits} splits needs at least {splits} images, got {logits.shape[0]}")
         out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=ISC_SHUFFLE_SEED)
         return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 

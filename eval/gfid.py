@@ -22,10 +22,11 @@ from eval.adm import precision_recall  # noqa: F401 - eval.gfid.precision_recall
 from eval.demo_mode import evaluate_demo
 from eval.inception_mode import evaluate_generator
 from eval.rfid_mode import evaluate_tokenizer
+from generator.sampler import SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
+from titok_core.errors import UsageError, exit_on_user_error
 from titok_core.checkpoints import atomic_path
-from titok_core.cli import hydra_entry
-from titok_core.runtime import exit_on_user_error
+from titok_core.cli import Ranges, hydra_entry
 
 # Old spellings on the command line, refused with the new key (see CHANGELOG.md).
 RENAMED = {
@@ -43,7 +44,7 @@ def run(cfg: DictConfig, pipe=None) -> dict:
     if mode == "auto":
         mode = "demo" if cfg.generator.spec is None and cfg.generator.checkpoint is None else "inception"
     if mode not in ("demo", "inception", "rfid"):
-        raise ValueError(f"mode must be auto, demo, inception or rfid, got {cfg.mode!r}")
+        raise UsageError(f"mode must be auto, demo, inception or rfid, got {cfg.mode!r}")
     trainer = cfg.trainer
     fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
                     strategy=trainer.strategy)
@@ -101,7 +102,12 @@ def _main(cfg: DictConfig) -> None:
         print(f"written to {cfg.out}")
 
 
-main = hydra_entry(config="eval/gfid", description=__doc__, renamed=RENAMED, scalar_groups=SCALAR_GROUPS)(_main)
+RANGES = SAMPLING_RANGES | Ranges(
+    at_least_one=("num_samples", "batch_size", "state_every", "demo_per_class", "classifier_steps",
+                  "colour_blind_steps", "trainer.num_nodes"),
+    not_negative=("seed",))
+main = hydra_entry(config="eval/gfid", description=__doc__, renamed=RENAMED, scalar_groups=SCALAR_GROUPS,
+                   ranges=RANGES)(_main)
 
 
 if __name__ == "__main__":

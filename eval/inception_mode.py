@@ -22,6 +22,7 @@ from eval.reference import ReferenceBatch, ReferenceStatsError, load_reference
 from eval.samples import class_balanced_labels, interleaved_order, pipeline_from_config, sampler_and_decoder
 from eval.state import Progress, RowLog, fingerprint
 from sampling.fast import pipelined
+from titok_core.errors import UsageError
 from titok_core.images import save_png, to_uint8
 from titok_core.metrics import fid_from_stats
 from titok_core.runtime import autocast
@@ -55,7 +56,7 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
         )
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     if cfg.save_npz and state_dir is None:
-        raise ValueError("save_npz needs state_dir: the samples are appended there batch by batch")
+        raise UsageError("save_npz needs state_dir: the samples are appended there batch by batch")
     device = fabric.device
     if pipe is None:
         pipe = pipeline_from_config(cfg)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from eval.fidelity import FEATURE_DIM, INCEPTION_FILENAME, InceptionFeatures
 from titok_core.checkpoints import atomic_path
 from titok_core.data import IMAGE_EXTENSIONS, list_image_files
+from titok_core.errors import BadFileError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ ADM_REFERENCE_URL = (
 STATS_KIND = "titok_gen.reference_stats"
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(BadFileError):
     """A reference-statistics file that cannot be used; the message is one line."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from generator import official
+from titok_core.cli import Ranges
+from titok_core.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -45,14 +47,14 @@ class Step:
 
 
 def plan_steps(
-    *, num_steps: int, seq_len: int, guidance_scale: float, guidance_decay: str, guidance_scale_pow: float = 3.0,
+    *, num_steps: int, num_tokens: int, guidance_scale: float, guidance_decay: str, guidance_scale_pow: float = 3.0,
     randomize_temperature: float, softmax_temperature_annealing: bool,
 ) -> tuple[Step, ...]:
     """The sampling settings -> one :class:`Step` per step (see :func:`sample_tokens` for the settings)."""
     if guidance_decay not in official.GUIDANCE_DECAYS:
-        raise ValueError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(official.GUIDANCE_DECAYS)}")
+        raise UsageError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(official.GUIDANCE_DECAYS)}")
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise UsageError(f"num_steps must be >= 1, got {num_steps}")
     steps = []
     for step in range(num_steps):
         ratio = (step + 1) / num_steps
@@ -66,7 +68,7 @@ def plan_steps(
             kind=StepKind(guided=scale != 0, noisy=temperature != 0, last=last),
             scale=scale, temperature=temperature,
             divisor=(0.5 + 0.8 * (1 - ratio)) if softmax_temperature_annealing else 1.0,
-            remask_target=0 if last else official.remask_target(ratio, seq_len),
+            remask_target=0 if last else official.remask_target(ratio, num_tokens),
         ))
     return tuple(steps)
 
@@ -136,11 +138,16 @@ SAMPLING_KEYS = (
 )
 
 
+# The sampling group's options with a range, on every entry point that has the group.
+SAMPLING_RANGES = Ranges(at_least_one=("sampling.num_steps",),
+                         not_negative=("sampling.guidance_scale", "sampling.randomize_temperature"))
+
+
 def sampling_overrides(group) -> dict:
     """A ``sampling`` config group (mapping; null entries keep the model's own value) -> the set entries."""
     unknown = sorted(set(group) - set(SAMPLING_KEYS))
     if unknown:
-        raise ValueError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
+        raise UsageError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}")
     return {k: v for k, v in dict(group).items() if v is not None}
 
 
@@ -171,7 +178,7 @@ def sample_tokens(
     [0, generator.codebook_size).
     """
     steps = plan_steps(
-        num_steps=num_steps, seq_len=generator.num_tokens, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
+        num_steps=num_steps, num_tokens=generator.num_tokens, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
         guidance_scale_pow=guidance_scale_pow, randomize_temperature=randomize_temperature,
         softmax_temperature_annealing=softmax_temperature_annealing,
     )

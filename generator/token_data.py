@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from generator.cache.dataset import TokenDataset
+from titok_core.errors import UsageError
 
 
 def epoch_indices(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -95,11 +96,11 @@ class DeviceTokenLoader:
             yield self.tokens.index_select(0, idx).long(), self.labels.index_select(0, idx).long()
 
 
-def fits_on_device(num_sequences: int, seq_len: int, device: torch.device, *, share: float = 0.25) -> bool:
+def fits_on_device(num_sequences: int, num_tokens: int, device: torch.device, *, share: float = 0.25) -> bool:
     """Whether the cache as int32 takes at most ``share`` of the device's memory (CUDA only)."""
     if device.type != "cuda":
         return False
-    return num_sequences * (seq_len + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
+    return num_sequences * (num_tokens + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -114,7 +115,7 @@ class TokenDataModule(L.LightningDataModule):
                  seed: int = 0, on_device: bool | str = "auto"):
         super().__init__()
         if on_device not in ("auto", True, False):
-            raise ValueError(f"data_on_device must be auto, true or false, got {on_device!r}")
+            raise UsageError(f"data_on_device must be auto, true or false, got {on_device!r}")
         self.data, self.batch_size, self.num_workers, self.seed = data, batch_size, num_workers, seed
         self.on_device = on_device
         n = len(data)

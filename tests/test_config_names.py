@@ -124,7 +124,7 @@ def test_an_old_key_passed_to_build_tokenizer_names_the_new_one():
 
 
 def test_an_old_key_in_tokenizer_train_model_names_the_new_one():
-    from tokenizer.train import resolve_model
+    from tokenizer.presets import resolve_model
 
     with pytest.raises(CheckpointError) as exc:
         resolve_model({"preset": "titok_small", "num_latent_tokens": 16})

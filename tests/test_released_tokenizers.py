@@ -144,7 +144,7 @@ def test_maskgit_generation_refuses_a_vae_tokenizer(official_tiny):
 
 
 def test_tokenizer_training_refuses_a_vae_config():
-    from tokenizer.train import resolve_model
+    from tokenizer.presets import resolve_model
 
     with pytest.raises(ValueError, match="tokenizer training is implemented for VQ tokenizers only"):
         resolve_model({"preset": "titok_ll32_vae_c16", "image_size": None})

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tokenizer import build_tokenizer
+from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError
 from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
 from tokenizer.discriminator import NLayerDiscriminator
@@ -152,19 +153,19 @@ class TiTokModule(L.LightningModule):
         self.proxy = None
         if config.get("decoder_output", "proxy_codes") == "proxy_codes":
             if not vqgan_checkpoint:
-                raise ValueError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
+                raise UsageError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
                                  "checkpoint (proxy.vqgan_checkpoint), or use decoder_output 'rgb'")
             from tokenizer.proxy_codes import load_maskgit_vqgan
 
             self.proxy, implied, pixel_state = load_maskgit_vqgan(vqgan_checkpoint)
             for key, value in implied.items():
                 if config.setdefault(key, value) != value:
-                    raise ValueError(f"model {key}={config[key]} does not match the VQGAN ({value})")
+                    raise UsageError(f"model {key}={config[key]} does not match the VQGAN ({value})")
         self.model = build_tokenizer(config)
         if self.proxy is not None:
             factor = 2 ** (len(self.proxy.encoder.down) - 1)
             if factor != self.model.config.patch_size:
-                raise ValueError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
+                raise UsageError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
             missing = self.model.load_state_dict(pixel_state, strict=False)
             if missing.unexpected_keys:
                 raise CheckpointError(f"VQGAN decoder keys not in the model: {missing.unexpected_keys[:3]}")
@@ -187,7 +188,7 @@ class TiTokModule(L.LightningModule):
         self.prior = None
         if lc.rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
-                raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
+                raise UsageError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
         self.perceptual = None
@@ -202,7 +203,7 @@ class TiTokModule(L.LightningModule):
         self.discriminator = None
         if lc.gan.weight > 0:
             if lc.gan.channels < 32 or lc.gan.channels % 32:
-                raise ValueError(f"loss.gan.channels={lc.gan.channels}: the official discriminator's width must be "
+                raise UsageError(f"loss.gan.channels={lc.gan.channels}: the official discriminator's width must be "
                                  "a multiple of 32 (GroupNorm(32)); its default is 128")
             self.discriminator = NLayerDiscriminator(hidden_channels=lc.gan.channels, num_stages=lc.gan.layers)
         self._last_step = -1

@@ -1,8 +1,8 @@
 """Token cache: a frozen tokenizer turns an image dataset into token sequences with labels.
 
 Each image is tokenized as is and horizontally flipped (two sequences, as the official
-pre-tokenisation), or as is only (``flip=False``: data whose mirror is another thing). Layout of a
-finished cache directory::
+pre-tokenisation), or as is only (``data.hflip=false``, ``flip=False`` here: data whose mirror is
+another thing). Layout of a finished cache directory::
 
     manifest.json   format, tokenizer identity (source, config, fingerprint), dataset identity
                     (absolute root, split, format, a fingerprint of its files), resolution,
@@ -39,9 +39,9 @@ from __future__ import annotations
 # manifest), dataset (TokenDataset), command (python -m generator.cache). The docstring above is
 # the command's --help.
 
-from generator.cache.build import build_token_cache
+from generator.cache.build import build_token_cache, open_cache
 from generator.cache.check import CacheMismatchError, check_cache
-from generator.cache.command import RENAMED, main
+from generator.cache.command import CACHE_RANGES, RENAMED, SCALAR_GROUPS, main
 from generator.cache.command import _main as _main  # the task function, run in-process by tests
 from generator.cache.dataset import TokenDataset
 from generator.cache.identity import FORMAT, cache_manifest, dataset_identity, default_cache_dir, tokenizer_fingerprint
@@ -50,5 +50,5 @@ from generator.cache.shards import DECODERS, build_shards, build_stream_shards, 
 __all__ = [
     "FORMAT", "DECODERS", "CacheMismatchError", "TokenDataset", "build_token_cache", "build_shards",
     "build_stream_shards", "merge_shards", "cache_manifest", "check_cache", "dataset_identity", "default_cache_dir",
-    "tokenizer_fingerprint", "RENAMED", "main",
+    "tokenizer_fingerprint", "open_cache", "CACHE_RANGES", "RENAMED", "SCALAR_GROUPS", "main",
 ]

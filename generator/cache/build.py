@@ -15,10 +15,12 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from generator.cache.check import CacheMismatchError, check_cache, refuse_other_dataset
-from generator.cache.identity import cache_manifest
+from generator.cache.identity import cache_manifest, default_cache_dir, tokenizer_fingerprint
 from generator.cache.shards import build_shards, build_stream_shards, merge_shards
 from titok_core.checkpoints import atomic_path
-from titok_core.formats import WebDatasetShards
+from titok_core.errors import MissingFileError
+from titok_core.formats import WebDatasetShards, open_split
+from titok_core.runs import dataset_identity
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,39 @@ def _check_partial(
             diff = ", ".join(f"{k} (was {old.get(k)}, now {plan[k]})" if k != "shards" else k
                              for k in plan if old.get(k) != plan[k])
             raise CacheMismatchError(
-                f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache_dir")
+                f"half-built token cache {out_dir} differs in {diff}; delete it or use another cache.dir")
         return
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(plan))
+
+
+def open_cache(
+    *, tokenizer: torch.nn.Module, tokenizer_source: str, data, cache, device: torch.device | str = "cpu",
+    fabric=None, identity: dict | None = None, refuse_to_build: str | None = None,
+) -> tuple[Path, dict]:
+    """The token cache of a dataset by ``tokenizer``: checked when it exists, else built (or resumed).
+
+    The one way from options to a cache, for ``python -m generator.cache`` and ``generator.train``.
+    data: the ``data`` group (root, split, format; hflip: the cache also holds each image's mirror);
+    cache: the ``cache`` group (dir, else :func:`default_cache_dir`; batch_size, dtype, num_workers,
+    decode, compile); identity: the dataset's :func:`titok_core.runs.dataset_identity` when the caller
+    has it. refuse_to_build: when given, a missing cache is not built: MissingFileError
+    ``no token cache at DIR: <refuse_to_build>``. Returns (cache directory, manifest).
+    """
+    identity = identity if identity is not None else dataset_identity(data.root, data.split, data.format)
+    out_dir = Path(cache.dir or default_cache_dir(root=data.root, split=data.split, tokenizer=tokenizer,
+                                                 flip=data.hflip))
+    if (out_dir / "manifest.json").is_file():
+        manifest = check_cache(out_dir, fingerprint=tokenizer_fingerprint(tokenizer), resolution=tokenizer.image_size,
+                               flip=data.hflip, data=identity)
+        # A kill after the manifest was written but before the shards were removed leaves them: drop them.
+        shutil.rmtree(out_dir / "shards", ignore_errors=True)
+        return out_dir, manifest
+    if refuse_to_build:
+        raise MissingFileError(f"no token cache at {out_dir}: {refuse_to_build}")
+    dataset = open_split(data.root, data.split, format=data.format, resolution=tokenizer.image_size)
+    manifest = build_token_cache(
+        tokenizer=tokenizer, tokenizer_source=tokenizer_source, dataset=dataset, out_dir=out_dir, device=device,
+        fabric=fabric, data=identity, flip=data.hflip, **{k: v for k, v in cache.items() if k != "dir"},
+    )
+    return out_dir, manifest

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from generator.cache.identity import FORMAT
+from titok_core.errors import MismatchError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(MismatchError):
     """A cache made by another tokenizer, for another resolution or from another dataset, or whose
     files do not match its manifest; one-line message."""
 
@@ -67,7 +68,7 @@ def check_cache(
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no finished token cache at {out_dir} (manifest.json missing)")
+        raise MissingFileError(f"no finished token cache at {out_dir} (manifest.json missing)")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -80,7 +81,7 @@ def check_cache(
     if fingerprint is not None and made_by != fingerprint:
         raise CacheMismatchError(
             f"token cache {out_dir} was made by another tokenizer ({manifest['tokenizer']['source']}, "
-            f"fingerprint {made_by}, this one {fingerprint}); use another cache_dir or delete it"
+            f"fingerprint {made_by}, this one {fingerprint}); use another cache.dir or delete it"
         )
     if resolution is not None and manifest["resolution"] != resolution:
         raise CacheMismatchError(
@@ -88,7 +89,8 @@ def check_cache(
         )
     if flip is not None and manifest.get("flip", True) != flip:
         raise CacheMismatchError(
-            f"token cache {out_dir} was made with flip={manifest.get('flip', True)}, not flip={flip}"
+            f"token cache {out_dir} was made with data.hflip={str(manifest.get('flip', True)).lower()}, "
+            f"not data.hflip={str(flip).lower()}"
         )
     if data is not None:
         made_from = manifest.get("data")

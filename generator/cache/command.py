@@ -1,10 +1,9 @@
 """``python -m generator.cache``: the command line of the token cache."""
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
-from generator.cache.build import build_token_cache
-from generator.cache.identity import dataset_identity, default_cache_dir
+from titok_core.cli import Ranges, hydra_entry
 
 
 def _main(cfg) -> None:
@@ -12,22 +11,16 @@ def _main(cfg) -> None:
     GPUs/processes with Lightning Fabric."""
     from lightning import Fabric
 
+    from generator.cache.build import open_cache
+    from titok_core.errors import exit_on_user_error
     from tokenizer import load_tokenizer
-    from titok_core.formats import open_split
-    from titok_core.runtime import exit_on_user_error
 
     fabric = Fabric(**cfg.trainer)
     fabric.launch()
     with exit_on_user_error():
         tok = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
-        dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.format, resolution=tok.image_size)
-        out_dir = Path(cfg.cache.dir or default_cache_dir(root=cfg.data.root, split=cfg.data.split, tokenizer=tok,
-                                                         flip=cfg.cache.flip))
-        manifest = build_token_cache(
-            tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), dataset=dataset, out_dir=out_dir,
-            device=fabric.device, fabric=fabric, data=dataset_identity(cfg.data.root, cfg.data.split, cfg.data.format),
-            **{k: v for k, v in cfg.cache.items() if k != "dir"},
-        )
+        out_dir, manifest = open_cache(tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), data=cfg.data,
+                                       cache=cfg.cache, device=fabric.device, fabric=fabric)
     if fabric.is_global_zero:
         print(
             f"token cache {out_dir}: {manifest['num_sequences']} sequences of {manifest['num_tokens']} tokens "
@@ -41,15 +34,15 @@ RENAMED = {
     "num_workers": "cache.num_workers",
     "decode": "cache.decode", "compile": "cache.compile", "accelerator": "trainer.accelerator",
     "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
+    "cache.flip": "data.hflip",
 }
+SCALAR_GROUPS = {"tokenizer": "tokenizer.spec"}
+# The cache group's options with a range (generator.cache and generator.train).
+CACHE_RANGES = Ranges(at_least_one=("cache.batch_size",), not_negative=("cache.num_workers",))
 
 
-def main() -> None:
-    import generator.cache
-    from titok_core.cli import hydra_entry
-
-    # --help prints the package's description: what a cache is, its layout, how it resumes.
-    entry = hydra_entry(config="generator/cache", description=generator.cache.__doc__, renamed=RENAMED,
-                        scalar_groups={"tokenizer": "tokenizer.spec"},
-                        on_interrupt="interrupted: the finished shards are kept; run the same command to resume")
-    entry(_main)()
+# --help prints the package's description: what a cache is, its layout, how it resumes (the package's
+# docstring is set before its __init__ imports this module).
+main = hydra_entry(config="generator/cache", description=sys.modules["generator.cache"].__doc__, renamed=RENAMED,
+                   scalar_groups=SCALAR_GROUPS, ranges=CACHE_RANGES | Ranges(at_least_one=("trainer.num_nodes",)),
+                   on_interrupt="interrupted: the finished shards are kept; run the same command to resume")(_main)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from titok_core.checkpoints import atomic_path
 from titok_core.data import preprocess
 from titok_core.formats import decode_sample
+from titok_core.errors import UsageError
 from titok_core.runtime import autocast
 
 
@@ -79,7 +80,7 @@ def build_shards(
     tokenizer's encoder in place (its state dict is unchanged).
     """
     if decode not in DECODERS:
-        raise ValueError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+        raise UsageError(f"decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     out_dir, device = Path(out_dir), torch.device(device)
     n = len(dataset)
     num_shards = (n + batch_size - 1) // batch_size
@@ -235,9 +236,9 @@ def merge_shards(
         raise RuntimeError(f"cannot merge the token cache: {len(missing)} shard(s) missing, e.g. {missing[0]}")
     parts = [np.load(p) for p in paths]
     total = sum(int(p["tokens"].shape[0]) for p in parts)
-    seq_len = manifest["num_tokens"]
+    num_tokens = manifest["num_tokens"]
     with atomic_path(out_dir / "tokens.npy") as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(total, seq_len))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(total, num_tokens))
         start = 0
         for p in parts:
             t = p["tokens"]

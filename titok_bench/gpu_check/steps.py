@@ -83,9 +83,9 @@ def plan_env(run) -> Plan:
 def _sampling_args(run, preset: str, batch: int, batches: int, warmup: int) -> list:
     if run.dry_run:
         tiny = run.tiny[preset]
-        return ["--preset", tiny, "--tokenizer", tiny, "--device", "cpu", "--dtype", "fp32", "--batch-size", 4,
+        return ["--generator-spec", tiny, "--tokenizer-spec", tiny, "--device", "cpu", "--dtype", "fp32", "--batch-size", 4,
                 "--batches", 1, "--warmup", 1, "--sampler-compile", "none", "--decoder-compile", "none"]
-    return ["--preset", preset, "--device", "cuda", "--dtype", "bf16", "--batch-size", batch, "--batches", batches,
+    return ["--generator-spec", preset, "--device", "cuda", "--dtype", "bf16", "--batch-size", batch, "--batches", batches,
             "--warmup", warmup, "--sampler-compile", "reduce-overhead", "--decoder-compile", "default"]
 
 
@@ -171,10 +171,10 @@ def plan_gpu_tests(run) -> Plan | str:
 
 def plan_p3(run) -> Plan:
     if run.dry_run:
-        args = ["--preset", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--batch-size", 8,
+        args = ["--generator-spec", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--batch-size", 8,
                 "--steps", 2, "--warmup", 1, "--cache-size", 64, "--num-workers", 0]
     else:
-        args = ["--preset", "maskgit_l32", "--device", "cuda", "--dtype", "bf16", "--batch-size", run.args.p3_batch,
+        args = ["--generator-spec", "maskgit_l32", "--device", "cuda", "--dtype", "bf16", "--batch-size", run.args.p3_batch,
                 "--steps", 30, "--warmup", 5, "--compile", "--fused", "yes", "--probe", "yes", "--max-batch", 16384]
     target = _target(">=", 10_000, "samples/s")
 
@@ -196,10 +196,10 @@ def plan_p3(run) -> Plan:
 
 def plan_p4(run) -> Plan:
     if run.dry_run:
-        args = ["--tokenizer", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--images", 8,
+        args = ["--tokenizer-spec", run.tiny["maskgit_l32"], "--device", "cpu", "--dtype", "fp32", "--images", 8,
                 "--batch-size", 4, "--num-workers", 0, "--warmup-batches", 1]
     else:
-        args = ["--tokenizer", "titok_l32", "--device", "cuda", "--dtype", "bf16", "--images", 4096,
+        args = ["--tokenizer-spec", "titok_l32", "--device", "cuda", "--dtype", "bf16", "--images", 4096,
                 "--batch-size", 256, "--num-workers", min(16, os.cpu_count() or 1), "--warmup-batches", 2,
                 "--probe", "yes", "--max-batch", 4096]
     target = _target(">=", 1200, "images/s")
@@ -228,10 +228,10 @@ def _eval_args(run, num_samples: int, *, compiled: bool) -> list:
     if run.dry_run:
         tiny = run.tiny["maskgit_l32"]
         # Inception's IS needs 10 images (10 splits).
-        return ["--preset", tiny, "--tokenizer", tiny, "--device", "cpu", "--num-samples", 10, "--batch-size", 5,
+        return ["--generator-spec", tiny, "--tokenizer-spec", tiny, "--device", "cpu", "--num-samples", 10, "--batch-size", 5,
                 "--warmup-samples", 0]
     modes = ["--sampler-compile", "reduce-overhead", "--decoder-compile", "default"] if compiled else []
-    return ["--preset", "maskgit_l32", "--device", "cuda", "--num-samples", num_samples,
+    return ["--generator-spec", "maskgit_l32", "--device", "cuda", "--num-samples", num_samples,
             "--batch-size", run.args.p6_batch, *modes]
 
 
