@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from generator.sampler import SAMPLING_KEYS, sample_tokens, sampling_overrides
+from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS, sample_tokens, sampling_overrides
 from tokenizer import CheckpointError, load_tokenizer, require_discrete
 from titok_core.errors import UsageError
 from titok_core.checkpoints import read_model_extra
@@ -77,7 +77,7 @@ def load_pipeline(
     settings = dict(getattr(gen, "sampling", None) or {})
     settings.update(extra.get("sampling", {}))
     settings.update(sampling_overrides(sampling or {}))
-    missing = [k for k in SAMPLING_KEYS if k not in settings and k != "guidance_scale_pow"]
+    missing = [k for k in SAMPLING_KEYS if k not in settings and k not in SAMPLING_DEFAULTS]
     if missing:
         raise CheckpointError(f"no sampling settings for {', '.join(missing)}: pass them on the command line")
 
