@@ -38,10 +38,11 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     """The demo domain, judged by two independent classifiers trained on the real images.
 
     The demo classifier gives class accuracy, a FID on its features and precision/recall in its
-    feature space; the colour-blind classifier (:func:`eval.demo_classifier.colour_blind`) must
+    feature space; the colour-blind classifier (:func:`titok_core.judges.colour_blind`) must
     recognise each sample by its shape alone, since every demo class also has its own colour.
     """
-    from eval.demo_classifier import DEMO_FID_LABEL, classifier_fid, load_demo_classifier, load_split
+    from titok_core.judges import (DEMO_FID_LABEL, classifier_fid, load_demo_classifier, load_held_out,
+                                   load_training_images)
 
     pipe = pipeline_from_config(cfg).to(device)
     data = pipe.extra.get("data", {})
@@ -79,7 +80,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         feats.append(classifier.features(images).cpu())
         if cfg.save_images and start == 0:
             save_png(images, Path(cfg.save_images) / "demo_samples.png")
-    val_images, val_labels = load_split(root, "val", resolution=classifier.resolution, classes=classifier.classes)
+    val_images, val_labels = load_held_out(root, resolution=classifier.resolution, classes=classifier.classes)
     real = classifier.features(val_images.float() / 255).cpu()
     with torch.inference_mode():
         real_tokens = torch.cat([pipe.tokenizer.encode(part.to(device).float() / 255).cpu()
@@ -101,7 +102,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         return torch.cat([torch.nonzero(y == c).flatten()[:n] for c in range(num_classes)])
 
     fake_keep, real_keep = first_n(labels), first_n(val_labels)
-    train_images, _ = load_split(root, "train", resolution=classifier.resolution, classes=classifier.classes)
+    train_images, _ = load_training_images(root, resolution=classifier.resolution, classes=classifier.classes)
     # An evenly strided subset (the split is ordered by class) the size of val: real-vs-real scale.
     step = max(1, len(train_images) // len(val_images))
     train_feats = classifier.features(train_images[::step][: len(val_images)].float() / 255).cpu()

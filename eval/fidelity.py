@@ -28,11 +28,11 @@ import torch.distributed as dist
 import torch_fidelity
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm import tqdm
 
 from titok_core.checkpoints import CheckpointError, atomic_path, read_state_dict
+from titok_core.metrics import features_to_stats, fid_from_stats  # noqa: F401 - eval.fidelity's names, as before
 
 log = logging.getLogger(__name__)
 
@@ -255,23 +255,6 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:c].cpu() for g, c in zip(gathered, counts)])
-
-
-def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between two Gaussians (mu [D], sigma [D,D]); torch-fidelity's formula, in float64."""
-    stats = [
-        {"mu": np.asarray(m, dtype=np.float64), "sigma": np.asarray(s, dtype=np.float64)}
-        for m, s in ((mu1, sigma1), (mu2, sigma2))
-    ]
-    return float(fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID])
-
-
-def features_to_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(mu float64 [D], sigma float64 [D,D]) of a feature matrix [N,D] (N >= 2)."""
-    features = np.asarray(features.cpu() if torch.is_tensor(features) else features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"expected features [N>=2, D], got {features.shape}")
-    return features.mean(0), np.cov(features, rowvar=False)
 
 
 # ---------------------------------------------------------------- reference statistics

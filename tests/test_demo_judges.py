@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval import demo_classifier as demo
+from titok_core import judges as demo
 from eval.gfid import precision_recall
 
 
@@ -74,3 +74,29 @@ def test_precision_recall_tell_coverage_from_realism():
     # Far away samples: neither.
     p, r = precision_recall(same + 10, real)
     assert p == 0.0 and r == 0.0
+
+
+def test_without_a_val_split_the_judges_hold_out_part_of_train(tmp_path):
+    """The held-out rule: val when present; else every HELD_OUT_EVERY-th train image of each class,
+    which the classifier never trains on (and whose cache key says so)."""
+    images, labels = _shape_images(60)
+    for i in range(60):
+        folder = tmp_path / "train" / f"class_{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i:03d}.png")
+    assert not demo.has_val_split(tmp_path) and "never train on" in demo.held_out_rule(tmp_path)
+    held, held_labels = demo.load_held_out(tmp_path, resolution=32)
+    rest, rest_labels = demo.load_training_images(tmp_path, resolution=32)
+    every = demo.HELD_OUT_EVERY
+    assert held_labels.tolist() == [0] * (30 // every) + [1] * (30 // every)  # per class, by file name
+    assert len(rest) == 60 - len(held)
+    flat = lambda x: {bytes(v.numpy().tobytes()) for v in x}  # noqa: E731
+    assert not flat(held) & flat(rest) and flat(held) | flat(rest) == flat(demo.load_split(tmp_path, "train", resolution=32)[0])
+    assert torch.equal(demo.load_held_out(tmp_path, resolution=32)[0], held)  # deterministic
+    key_without_val = demo.cache_key(tmp_path, seed=0)
+    for i in (0, 1):  # a val split appears: it judges now, all of train trains, and the cache key changes
+        (tmp_path / "val" / f"class_{i}").mkdir(parents=True)
+        Image.fromarray(images[i]).save(tmp_path / "val" / f"class_{i}" / "v.png")
+    assert demo.has_val_split(tmp_path) and len(demo.load_held_out(tmp_path, resolution=32)[0]) == 2
+    assert len(demo.load_training_images(tmp_path, resolution=32)[0]) == 60
+    assert demo.cache_key(tmp_path, seed=0) != key_without_val

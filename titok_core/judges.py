@@ -1,13 +1,21 @@
-"""A small CNN classifier for the demo domain: class accuracy and a feature-space FID.
+"""The dataset's own judges: a small CNN classifier trained on its images (class accuracy, a
+feature-space FID), and which images it holds out for judging.
 
-The demo data (procedural 64x64 shapes in 10 classes, ``<root>/train/<class>/*.png`` and
-``<root>/val/<class>/*.png``) is far from ImageNet, so Inception FID says little there. The
-demo reports instead how often a generated image is recognised as its class, and the Frechet
-distance between this CNN's features of real and generated images. That number is labelled
-``DEMO_FID_LABEL`` wherever it is shown: it is not comparable with any Inception FID.
+A small or unusual dataset (the demo's procedural shapes, digits, a user's own 10 classes) is far
+from ImageNet, so Inception FID says little there. Its judges are instead how often a generated
+image is recognised as its class, and the Frechet distance between this CNN's features of real
+held-out and generated images. That number is labelled ``DEMO_FID_LABEL`` wherever it is shown:
+it is not comparable with any Inception FID. ``eval.gfid mode=demo`` reports them, and
+``generator.fit_sampling`` picks sampling settings with them.
+
+The data is an image folder, ``<root>/train/<class>/*`` and, when present, ``<root>/val/<class>/*``.
+Judging uses held-out images (:func:`load_held_out`): the val split, or, when there is none, every
+``HELD_OUT_EVERY``-th image of each train class, which the classifier then never trains on
+(:func:`load_training_images`).
 
 The classifier trains once on the CPU (a fixed number of steps, about a minute) and is cached
-in a file keyed by the dataset (path, file names and sizes), the seed and the hyperparameters.
+in a file keyed by the dataset (path, file names and sizes, the held-out rule), the seed and the
+hyperparameters.
 """
 from __future__ import annotations
 
@@ -23,8 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from eval.fidelity import features_to_stats, fid_from_stats, list_image_files
 from titok_core.checkpoints import CheckpointError, read_model_file, save_model_file
+from titok_core.data import list_images
+from titok_core.metrics import features_to_stats, fid_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +172,44 @@ def class_names(root: str | os.PathLike, split: str = "train") -> list[str]:
     return names
 
 
-def load_split(
-    root: str | os.PathLike, split: str, *, resolution: int = 64, classes: list[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of ``<root>/<split>/<class>/*`` in memory: (uint8 [N,3,R,R], labels int64 [N]).
+# With no val split, every HELD_OUT_EVERY-th image of each train class (sorted by path) is held out
+# for judging and never trained on: 10% of the data, spread evenly over each class's files.
+HELD_OUT_EVERY = 10
 
-    Minimal local reading (bilinear resize when an image is not R x R); the demo set is small.
+
+def has_val_split(root: str | os.PathLike) -> bool:
+    """Whether ``<root>/val`` holds class folders (then it is the held-out split)."""
+    val = Path(root) / "val"
+    return val.is_dir() and any(p.is_dir() for p in val.iterdir())
+
+
+def held_out_rule(root: str | os.PathLike) -> str:
+    """Which images judge, in words (for logs and records)."""
+    if has_val_split(root):
+        return f"the val split ({Path(root) / 'val'})"
+    return (f"every {HELD_OUT_EVERY}th image of each class of {Path(root) / 'train'} (by file name; no val split), "
+            "which the judges never train on")
+
+
+def load_split(
+    root: str | os.PathLike, split: str, *, resolution: int = 64, classes: list[str] | None = None,
+    part: str = "all",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of ``<root>/<split>/<class>/*`` in memory: (uint8 [N,3,R,R], labels int64 [N]), in class order.
+
+    part: "all"; "held_out" (every ``HELD_OUT_EVERY``-th file of each class, sorted by path); "rest"
+    (the others). Minimal local reading (bilinear resize when an image is not R x R); small sets only.
     """
+    if part not in ("all", "held_out", "rest"):
+        raise ValueError(f"part must be all, held_out or rest, got {part!r}")
     classes = classes or class_names(root, split)
     images, labels = [], []
     for label, name in enumerate(classes):
-        for path in list_image_files(Path(root) / split / name):
+        folder = Path(root) / split / name
+        for i, path in enumerate(list_images(folder) if folder.is_dir() else []):
+            held_out = i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+            if (part == "held_out" and not held_out) or (part == "rest" and held_out):
+                continue
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 if im.size != (resolution, resolution):
@@ -181,8 +217,25 @@ def load_split(
                 images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             labels.append(label)
     if not images:
-        raise FileNotFoundError(f"no images under {Path(root) / split}")
+        raise FileNotFoundError(f"no images under {Path(root) / split}" + ("" if part == "all" else f" ({part})"))
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_held_out(
+    root: str | os.PathLike, *, resolution: int = 64, classes: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images that judge (see :func:`held_out_rule`): uint8 [N,3,R,R], labels int64 [N]."""
+    if has_val_split(root):
+        return load_split(root, "val", resolution=resolution, classes=classes)
+    return load_split(root, "train", resolution=resolution, classes=classes, part="held_out")
+
+
+def load_training_images(
+    root: str | os.PathLike, *, resolution: int = 64, classes: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the judges train on: all of train, or without the held-out part when there is no val split."""
+    return load_split(root, "train", resolution=resolution, classes=classes,
+                      part="all" if has_val_split(root) else "rest")
 
 
 # ---------------------------------------------------------------- training and cache
@@ -203,14 +256,15 @@ def train_demo_classifier(
     colour_blind: bool = False,
     device: str = "cpu",
 ) -> DemoClassifier:
-    """Train a DemoCNN on ``<root>/train`` for ``steps`` Adam steps; reports ``<root>/val`` accuracy when present.
+    """Train a DemoCNN on ``<root>/train`` (:func:`load_training_images`) for ``steps`` Adam steps; reports
+    its accuracy on the held-out images (:func:`load_held_out`) as ``config["val_accuracy"]``.
 
     ``colour_blind``: every training batch goes through :func:`colour_blind` with fresh random
     maps, and so does every image it classifies later: it must tell the classes by shape alone.
     Deterministic for a seed on one device and thread count; leaves the global RNG untouched.
     """
     classes = class_names(root)
-    images, labels = load_split(root, "train", resolution=resolution, classes=classes)
+    images, labels = load_training_images(root, resolution=resolution, classes=classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DemoCNN(num_classes=len(classes), width=width).to(device)
@@ -238,10 +292,9 @@ def train_demo_classifier(
     config = {"classes": classes, "resolution": resolution, "width": width, "seed": seed, "steps": steps,
               "batch_size": batch_size, "lr": lr, "root": str(Path(root).resolve()), "colour_blind": colour_blind}
     classifier = DemoClassifier(net, classes=classes, resolution=resolution, config=config)
-    if (Path(root) / "val").is_dir():
-        val_images, val_labels = load_split(root, "val", resolution=resolution, classes=classes)
-        config["val_accuracy"] = classifier.class_accuracy(val_images.float() / 255, val_labels)
-        log.info("demo classifier val accuracy %.4f", config["val_accuracy"])
+    val_images, val_labels = load_held_out(root, resolution=resolution, classes=classes)
+    config["val_accuracy"] = classifier.class_accuracy(val_images.float() / 255, val_labels)
+    log.info("demo classifier accuracy on %s: %.4f", held_out_rule(root), config["val_accuracy"])
     return classifier
 
 
@@ -252,10 +305,11 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(root: str | os.PathLike, **hparams) -> str:
-    """A short hash of the dataset (resolved path, train file names and sizes) and the hyperparameters."""
+    """A short hash of the dataset (resolved path, train file names and sizes, the held-out rule) and the hyperparameters."""
     root = Path(root).resolve()
-    files = [(str(p.relative_to(root)), p.stat().st_size) for p in list_image_files(root / "train")]
-    blob = json.dumps({"root": str(root), "files": files, **hparams}, sort_keys=True)
+    files = [(str(p.relative_to(root)), p.stat().st_size) for p in list_images(root / "train")]
+    held_out = {} if has_val_split(root) else {"held_out_every": HELD_OUT_EVERY}  # none: the keys of before
+    blob = json.dumps({"root": str(root), "files": files, **held_out, **hparams}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
