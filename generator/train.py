@@ -5,7 +5,8 @@
 
 Steps: build the demo dataset if asked and missing -> build the token cache if missing ->
 train (resuming from ``<run_dir>/checkpoints/last.ckpt`` after a kill) -> export the EMA
-weights with their config, sampling settings and tokenizer as ``<run_dir>/generator.safetensors``.
+weights with their config, sampling settings and tokenizer as ``<run_dir>/generator.safetensors``
+-> where ``fit_sampling.enabled``, fit the sampling settings to the data (generator.fit_sampling).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from generator.token_data import TokenDataModule
 from generator.lightning_module import MaskGITModule
 from generator.sampler import sample_tokens
 from tokenizer import load_tokenizer, require_discrete
-from titok_core.checkpoints import save_model_file
+from titok_core.checkpoints import read_model_extra, save_model_file
 from titok_core.images import save_png
 from titok_core.checkpoints import atomic_path
 from titok_core.cli import hydra_entry
@@ -199,6 +200,11 @@ def train(cfg: DictConfig) -> dict:
         }
         save_model_file(out, kind="generator", config=module.model.config, state_dict=module.model.state_dict(), extra=extra)
         result.update(checkpoint=str(out), metrics=extra["metrics"])
+        if cfg.fit_sampling.enabled:  # the sampling settings fitted to the data, written into the file
+            from generator.fit_sampling import fit_after_training
+
+            result["fit_sampling"] = fit_after_training(out, cfg)
+            grid.sampling = read_model_extra(out)["sampling"]
         if cfg.sample_every_n_steps:
             result["samples"] = str(grid.write(module, trainer.global_step))
     return result
@@ -211,6 +217,8 @@ def _main(cfg: DictConfig) -> None:
         print(f"trained {result['global_step']} steps; checkpoint: {result['checkpoint']}")
         if "samples" in result:
             print(f"samples: {result['samples']}")
+        if result.get("fit_sampling"):
+            print(result["fit_sampling"])
         print(f"sample from it: python -m sampling.generate generator.checkpoint={result['checkpoint']} class=0 n=16")
 
 
