@@ -152,6 +152,26 @@ def test_the_two_configs_offer_the_same_search(compose):
     SearchOptions.from_group(own)  # the shipped defaults pass the checks
 
 
+def test_a_users_mistake_is_one_line(tmp_path, monkeypatch, capsys, compose):
+    from generator.fit_sampling import _main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, message in [
+        (["generator.checkpoint=nope.safetensors"], "error: generator checkpoint not found: nope.safetensors"),
+        (["generator.checkpoint=maskgit_demo"], "error: maskgit_demo ships with the package: pass out=FILE"),
+        (["generator.checkpoint=maskgit_demo", "out=x.safetensors", "data.root=nowhere"],
+         "error: no image folder <root>/train/<class>/* at nowhere: pass data.root="),
+        (["generator.checkpoint=G", "fit_sampling.space.num_steps=[0]"], "error: num_steps must be >= 1, got 0"),
+    ]:
+        if argv[0] == "generator.checkpoint=G":  # a file that exists, so the bad value is what stops it
+            make_tiny(tmp_path)
+            argv = ["generator.checkpoint=generator.safetensors", *argv[1:]]
+        with pytest.raises(SystemExit) as stop:
+            _main(compose("generator.fit_sampling", argv))
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.startswith(message) and "\n" not in err, err
+
+
 # ---------------------------------------------------------------- the whole step, on tiny models
 
 TINY_TOKENIZER = {
