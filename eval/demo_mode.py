@@ -41,8 +41,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     feature space; the colour-blind classifier (:func:`titok_core.judges.colour_blind`) must
     recognise each sample by its shape alone, since every demo class also has its own colour.
     """
-    from titok_core.judges import (DEMO_FID_LABEL, classifier_fid, load_demo_classifier, load_held_out,
-                                   load_training_images)
+    from titok_core.judges import DEMO_FID_LABEL, classifier_fid, judge_files, load_demo_classifier, load_judge_part
 
     pipe = pipeline_from_config(cfg).to(device)
     data = pipe.extra.get("data", {})
@@ -54,6 +53,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         make_builtin_dataset(builtin, root, size=pipe.tokenizer.image_size)  # a fresh directory: make it again
     if not root or not (Path(root) / "train").is_dir():
         raise FileNotFoundError(f"demo data not found at {root}: pass data.root=... (the folder with train/ and val/)")
+    split = judge_files(root)  # a dataset the judges cannot split stops here, before any training
     res = pipe.tokenizer.image_size
     classifier = load_demo_classifier(root, device=str(device), steps=cfg.classifier_steps, resolution=res)
     shape_judge = load_demo_classifier(root, device=str(device), colour_blind=True, steps=cfg.colour_blind_steps,
@@ -80,7 +80,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         feats.append(classifier.features(images).cpu())
         if cfg.save_images and start == 0:
             save_png(images, Path(cfg.save_images) / "demo_samples.png")
-    val_images, val_labels = load_held_out(root, resolution=classifier.resolution, classes=classifier.classes)
+    val_images, val_labels = load_judge_part(split, "heldout", resolution=classifier.resolution)
     real = classifier.features(val_images.float() / 255).cpu()
     with torch.inference_mode():
         real_tokens = torch.cat([pipe.tokenizer.encode(part.to(device).float() / 255).cpu()
@@ -102,7 +102,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
         return torch.cat([torch.nonzero(y == c).flatten()[:n] for c in range(num_classes)])
 
     fake_keep, real_keep = first_n(labels), first_n(val_labels)
-    train_images, _ = load_training_images(root, resolution=classifier.resolution, classes=classifier.classes)
+    train_images, _ = load_judge_part(split, "train", resolution=classifier.resolution)
     # An evenly strided subset (the split is ordered by class) the size of val: real-vs-real scale.
     step = max(1, len(train_images) // len(val_images))
     train_feats = classifier.features(train_images[::step][: len(val_images)].float() / 255).cpu()

@@ -259,13 +259,14 @@ class Judge:
     """The dataset's classifier and its features of the held-out real images."""
 
     def __init__(self, root: str | os.PathLike, *, resolution: int, steps: int, device: torch.device):
-        from titok_core.judges import held_out_rule, load_demo_classifier, load_held_out
+        from titok_core.judges import heldout_description, judge_files, load_demo_classifier, load_judge_part
 
         self.root = Path(root)
+        split = judge_files(root)  # a dataset the judges cannot split stops here, before any training
         self.classifier = load_demo_classifier(root, device=str(device), steps=steps, resolution=resolution)
-        images, labels = load_held_out(root, resolution=self.classifier.resolution, classes=self.classifier.classes)
+        images, labels = load_judge_part(split, "heldout", resolution=self.classifier.resolution)
         self.real_features = self.classifier.features(images.float() / 255)
-        self.held_out = held_out_rule(root)
+        self.held_out = heldout_description(split)
         self.held_out_images = len(labels)
         self.record = {
             "kind": "demo_classifier", "data_root": str(root), "held_out": self.held_out,
@@ -275,9 +276,10 @@ class Judge:
 
     def identity(self) -> dict:
         from titok_core.judges import cache_key
+        from titok_core.runs import dataset_fingerprint
 
         return {**{k: v for k, v in self.record.items() if k != "held_out_accuracy"},
-                "data_root": str(self.root.resolve()),
+                "data_root": str(self.root.resolve()), "data_files": dataset_fingerprint(self.root),
                 "cache_key": cache_key(self.root, seed=0, steps=self.record["steps"],
                                        resolution=self.record["resolution"])}
 
@@ -614,8 +616,8 @@ def summary(record: Mapping) -> str:
     verdict = ("the defaults stay: no candidate beat them on the judge" if chosen == defaults else
                "chosen: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items() if defaults.get(k) != v))
     return "\n".join([
-        f"fit_sampling: {len(record['table'])} candidates judged by the dataset's classifier on {judge['held_out']} "
-        f"({judge['held_out_images']} images); seed {record['seed']}; {took}"
+        f"fit_sampling: {len(record['table'])} candidates judged by the dataset's classifier against held-out images "
+        f"({judge['held_out'].removeprefix('held out: ')}); seed {record['seed']}; {took}"
         + ("; stopped by max_time" if record["out_of_time"] else ""),
         f"objective: {record['objective']}; decided at round {record['decided_at_round']}",
         *lines, verdict,

@@ -9,9 +9,8 @@ it is not comparable with any Inception FID. ``eval.gfid mode=demo`` reports the
 ``generator.fit_sampling`` picks sampling settings with them.
 
 The data is an image folder, ``<root>/train/<class>/*`` and, when present, ``<root>/val/<class>/*``.
-Judging uses held-out images (:func:`load_held_out`): the val split, or, when there is none, every
-``HELD_OUT_EVERY``-th image of each train class, which the classifier then never trains on
-(:func:`load_training_images`).
+Judging uses held-out images (:func:`judge_files`): the val split, or, when there is none, a fixed
+``HELDOUT_FRACTION`` of each train class, which the classifiers then never train on.
 
 The classifier trains once on the CPU (a fixed number of steps, about a minute) and is cached
 in a file keyed by the dataset (path, file names and sizes, the held-out rule), the seed and the
@@ -172,70 +171,94 @@ def class_names(root: str | os.PathLike, split: str = "train") -> list[str]:
     return names
 
 
-# With no val split, every HELD_OUT_EVERY-th image of each train class (sorted by path) is held out
-# for judging and never trained on: 10% of the data, spread evenly over each class's files.
-HELD_OUT_EVERY = 10
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted; [] when there is no such folder."""
+    return list_images(folder) if Path(folder).is_dir() else []
 
 
-def has_val_split(root: str | os.PathLike) -> bool:
-    """Whether ``<root>/val`` holds class folders (then it is the held-out split)."""
-    val = Path(root) / "val"
-    return val.is_dir() and any(p.is_dir() for p in val.iterdir())
-
-
-def held_out_rule(root: str | os.PathLike) -> str:
-    """Which images judge, in words (for logs and records)."""
-    if has_val_split(root):
-        return f"the val split ({Path(root) / 'val'})"
-    return (f"every {HELD_OUT_EVERY}th image of each class of {Path(root) / 'train'} (by file name; no val split), "
-            "which the judges never train on")
+def _read_images(files: list[Path], resolution: int) -> torch.Tensor:
+    """Image files -> uint8 [N,3,R,R] (RGB; bilinear resize when an image is not R x R)."""
+    images = []
+    for path in files:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), resample=Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(images) if images else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
 
 
 def load_split(
-    root: str | os.PathLike, split: str, *, resolution: int = 64, classes: list[str] | None = None,
-    part: str = "all",
+    root: str | os.PathLike, split: str, *, resolution: int = 64, classes: list[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of ``<root>/<split>/<class>/*`` in memory: (uint8 [N,3,R,R], labels int64 [N]), in class order.
+    """All images of ``<root>/<split>/<class>/*`` in memory: (uint8 [N,3,R,R], labels int64 [N]).
 
-    part: "all"; "held_out" (every ``HELD_OUT_EVERY``-th file of each class, sorted by path); "rest"
-    (the others). Minimal local reading (bilinear resize when an image is not R x R); small sets only.
+    Minimal local reading (bilinear resize when an image is not R x R); the demo set is small.
     """
-    if part not in ("all", "held_out", "rest"):
-        raise ValueError(f"part must be all, held_out or rest, got {part!r}")
     classes = classes or class_names(root, split)
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
-        folder = Path(root) / split / name
-        for i, path in enumerate(list_images(folder) if folder.is_dir() else []):
-            held_out = i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
-            if (part == "held_out" and not held_out) or (part == "rest" and held_out):
-                continue
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (resolution, resolution):
-                    im = im.resize((resolution, resolution), resample=Image.BILINEAR)
-                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise FileNotFoundError(f"no images under {Path(root) / split}" + ("" if part == "all" else f" ({part})"))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        found = list_image_files(Path(root) / split / name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise FileNotFoundError(f"no images under {Path(root) / split}")
+    return _read_images(files, resolution), torch.tensor(labels, dtype=torch.int64)
 
 
-def load_held_out(
-    root: str | os.PathLike, *, resolution: int = 64, classes: list[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images that judge (see :func:`held_out_rule`): uint8 [N,3,R,R], labels int64 [N]."""
+# Without <root>/val, the judges hold out this share of every class of <root>/train (a fixed seeded
+# choice of files, the same on every run and machine) and never train on it.
+HELDOUT_FRACTION = 0.1
+HELDOUT_SEED = 0
+
+
+def has_val_split(root: str | os.PathLike) -> bool:
+    """Whether ``<root>/val`` holds at least one image (then it is the judges' held-out split)."""
+    return (Path(root) / "val").is_dir() and bool(list_image_files(Path(root) / "val"))
+
+
+def judge_files(root: str | os.PathLike, classes: list[str] | None = None) -> dict:
+    """The judges' split of ``root``: which files they train on and which are held out.
+
+    ``<root>/val`` when it has images; else, per class of ``<root>/train``, ``HELDOUT_FRACTION`` of
+    the files (at least one; a seeded permutation of the sorted names, so the same files on every
+    run) are held out and excluded from the judges' training. Returns {"train": [(path, label)],
+    "heldout": [(path, label)], "heldout_from": "val" | "train", "classes": [...]}. A class of
+    ``train/`` with fewer than 2 images and no ``val/`` is a user's error (ValueError, at once).
+    """
+    classes = classes or class_names(root)
+    train = [[(p, label) for p in list_image_files(Path(root) / "train" / name)] for label, name in enumerate(classes)]
     if has_val_split(root):
-        return load_split(root, "val", resolution=resolution, classes=classes)
-    return load_split(root, "train", resolution=resolution, classes=classes, part="held_out")
+        heldout = [(p, label) for label, name in enumerate(classes) for p in list_image_files(Path(root) / "val" / name)]
+        return {"train": [f for c in train for f in c], "heldout": heldout, "heldout_from": "val", "classes": classes}
+    kept, heldout = [], []
+    for name, files in zip(classes, train):
+        if len(files) < 2:
+            raise ValueError(f"{Path(root) / 'train' / name} has {len(files)} image(s) and {root} has no val/: "
+                             "the judges need at least 2 a class to hold one out (or add <root>/val/<class>/*)")
+        n = max(1, round(HELDOUT_FRACTION * len(files)))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(HELDOUT_SEED)).tolist()
+        held = set(order[:n])
+        heldout += [f for i, f in enumerate(files) if i in held]
+        kept += [f for i, f in enumerate(files) if i not in held]
+    return {"train": kept, "heldout": heldout, "heldout_from": "train", "classes": classes}
 
 
-def load_training_images(
-    root: str | os.PathLike, *, resolution: int = 64, classes: list[str] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images the judges train on: all of train, or without the held-out part when there is no val split."""
-    return load_split(root, "train", resolution=resolution, classes=classes,
-                      part="all" if has_val_split(root) else "rest")
+def heldout_description(split: dict) -> str:
+    """One line saying which images the judges hold out (for the printed summary and the JSON)."""
+    n = len(split["heldout"])
+    if split["heldout_from"] == "val":
+        return f"held out: the {n} images of val/"
+    return (f"held out: {n} images of train/ ({HELDOUT_FRACTION:.0%} of each class, fixed; no val/), "
+            "excluded from the judges' training")
+
+
+def load_judge_part(split: dict, part: str, *, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``part`` ("train" | "heldout") of a :func:`judge_files` split: (uint8 [N,3,R,R], labels int64 [N])."""
+    files = split[part]
+    if not files:
+        raise FileNotFoundError(f"no {part} images for the judges")
+    return _read_images([f for f, _ in files], resolution), torch.tensor([y for _, y in files], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- training and cache
@@ -256,15 +279,16 @@ def train_demo_classifier(
     colour_blind: bool = False,
     device: str = "cpu",
 ) -> DemoClassifier:
-    """Train a DemoCNN on ``<root>/train`` (:func:`load_training_images`) for ``steps`` Adam steps; reports
-    its accuracy on the held-out images (:func:`load_held_out`) as ``config["val_accuracy"]``.
+    """Train a DemoCNN on the judges' training part of ``root`` (:func:`judge_files`: ``<root>/train``, less
+    the held-out share when there is no ``<root>/val``) for ``steps`` Adam steps; reports the held-out accuracy.
 
     ``colour_blind``: every training batch goes through :func:`colour_blind` with fresh random
     maps, and so does every image it classifies later: it must tell the classes by shape alone.
     Deterministic for a seed on one device and thread count; leaves the global RNG untouched.
     """
-    classes = class_names(root)
-    images, labels = load_training_images(root, resolution=resolution, classes=classes)
+    split = judge_files(root)
+    classes = split["classes"]
+    images, labels = load_judge_part(split, "train", resolution=resolution)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DemoCNN(num_classes=len(classes), width=width).to(device)
@@ -292,9 +316,10 @@ def train_demo_classifier(
     config = {"classes": classes, "resolution": resolution, "width": width, "seed": seed, "steps": steps,
               "batch_size": batch_size, "lr": lr, "root": str(Path(root).resolve()), "colour_blind": colour_blind}
     classifier = DemoClassifier(net, classes=classes, resolution=resolution, config=config)
-    val_images, val_labels = load_held_out(root, resolution=resolution, classes=classes)
+    config["heldout_from"] = split["heldout_from"]
+    val_images, val_labels = load_judge_part(split, "heldout", resolution=resolution)
     config["val_accuracy"] = classifier.class_accuracy(val_images.float() / 255, val_labels)
-    log.info("demo classifier accuracy on %s: %.4f", held_out_rule(root), config["val_accuracy"])
+    log.info("demo classifier held-out accuracy %.4f (%s)", config["val_accuracy"], heldout_description(split))
     return classifier
 
 
@@ -305,11 +330,13 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(root: str | os.PathLike, **hparams) -> str:
-    """A short hash of the dataset (resolved path, train file names and sizes, the held-out rule) and the hyperparameters."""
+    """A short hash of the dataset (resolved path, train file names and sizes, whether val/ is the held-out
+    split) and the hyperparameters."""
     root = Path(root).resolve()
-    files = [(str(p.relative_to(root)), p.stat().st_size) for p in list_images(root / "train")]
-    held_out = {} if has_val_split(root) else {"held_out_every": HELD_OUT_EVERY}  # none: the keys of before
-    blob = json.dumps({"root": str(root), "files": files, **held_out, **hparams}, sort_keys=True)
+    files = [(str(p.relative_to(root)), p.stat().st_size) for p in list_image_files(root / "train")]
+    heldout = "val" if has_val_split(root) else f"train {HELDOUT_FRACTION} seed {HELDOUT_SEED}"
+    blob = json.dumps({"root": str(root), "files": files, **hparams, **({} if heldout == "val" else {"heldout": heldout})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
