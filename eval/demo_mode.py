@@ -39,10 +39,10 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     """The demo domain (or any image-folder dataset), judged by two independent classifiers trained on its real images.
 
     The demo classifier gives class accuracy, a FID on its features and precision/recall in its
-    feature space; the colour-blind classifier (:func:`eval.demo_classifier.colour_blind`) must
+    feature space; the colour-blind classifier (:func:`titok_core.judges.colour_blind`) must
     recognise each sample by its shape alone, since every demo class also has its own colour.
     The judges train on ``<root>/train`` and judge against ``<root>/val``; without ``val/`` they
-    hold out a fixed tenth of every class of ``train/`` (:func:`eval.demo_classifier.judge_files`).
+    hold out a fixed tenth of every class of ``train/`` (:func:`titok_core.judges.judge_files`).
 
     Beside the samples, the tokenizer's ceiling: what the same judges make of its reconstructions.
     Accuracies are measured on the reconstructions of the held-out images (``reconstruction_*``);
@@ -52,8 +52,8 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     samples / ceiling: ``fid_ratio`` (1 is the best a generator can do; lower is better),
     ``accuracy_ratio`` and ``colour_blind_ratio`` (1 is the best; higher is better).
     """
-    from eval.demo_classifier import (DEMO_FID_LABEL, classifier_fid, heldout_description, judge_files,
-                                      load_demo_classifier, load_judge_part)
+    from titok_core.judges import (DEMO_FID_LABEL, classifier_fid, heldout_description, judge_files,
+                                    load_demo_classifier, load_judge_part)
 
     pipe = pipeline_from_config(cfg).to(device)
     data = pipe.extra.get("data", {})

@@ -5,7 +5,8 @@
 
 Steps: build the demo dataset if asked and missing -> build the token cache if missing ->
 train (resuming from ``<run_dir>/checkpoints/last.ckpt`` after a kill) -> export the EMA
-weights with their config, sampling settings and tokenizer as ``<run_dir>/generator.safetensors``.
+weights with their config, sampling settings and tokenizer as ``<run_dir>/generator.safetensors``
+-> where ``fit_sampling.enabled``, fit the sampling settings to the data (generator.fit_sampling).
 The run itself (directory, identity, resume, export) is :mod:`titok_core.training`'s.
 """
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from generator.cache import CACHE_RANGES, TokenDataset, open_cache, tokenizer_fingerprint
+from generator.fit_sampling import FIT_SAMPLING_RANGES, fit_after_training
 from generator.lightning_module import MaskGITModule, SampleGrid
 from generator.presets import resolve_model
 from generator.sampler import SAMPLING_RANGES, sampling_overrides
 from generator.token_data import TokenDataModule
 from titok_core import training
+from titok_core.checkpoints import read_model_extra
 from titok_core.cli import Ranges, hydra_entry
 from titok_core.errors import exit_on_user_error
 from titok_core.trainer import ema_callback
@@ -86,6 +89,9 @@ def train(cfg: DictConfig) -> dict:
     })
     if out is not None:
         result.update(checkpoint=str(out), metrics=metrics)
+        if cfg.fit_sampling.enabled:  # the sampling settings fitted to the data, written into the file
+            result["fit_sampling"] = fit_after_training(out, cfg)
+            grid.sampling = read_model_extra(out)["sampling"]
         if cfg.sample_every_n_steps:
             result["samples"] = str(grid.write(module, trainer.global_step))
     return result
@@ -98,6 +104,8 @@ def _main(cfg: DictConfig) -> None:
         print(f"trained {result['global_step']} steps; checkpoint: {result['checkpoint']}")
         if "samples" in result:
             print(f"samples: {result['samples']}")
+        if result.get("fit_sampling"):
+            print(result["fit_sampling"])
         print(f"sample from it: python -m sampling.generate generator.checkpoint={result['checkpoint']} class=0 n=16")
 
 
@@ -105,7 +113,7 @@ main = hydra_entry(
     config="generator/train", description=__doc__, scalar_groups={"model": "model.preset"},
     renamed={"model.sampling": "sampling", "model.seq_len": "model.num_tokens", "cache.flip": "data.hflip",
              "optim.ema_max_decay": "optim.ema_decay"},
-    ranges=training.TRAINER_RANGES | CACHE_RANGES | SAMPLING_RANGES | Ranges(
+    ranges=training.TRAINER_RANGES | CACHE_RANGES | SAMPLING_RANGES | FIT_SAMPLING_RANGES | Ranges(
         at_least_one=("sample_classes",),
         not_negative=("sample_every_n_steps", "optim.label_smoothing", "optim.class_dropout")),
 )(_main)

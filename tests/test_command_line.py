@@ -27,6 +27,7 @@ ENTRY_POINTS = {  # config -> module
     "sampling/serve": "sampling.serve",
     "tokenizer/reconstruct": "tokenizer.reconstruct",
     "eval/gfid": "eval.gfid",
+    "generator/fit_sampling": "generator.fit_sampling",
 }
 
 
@@ -44,6 +45,7 @@ COMPLETE = {
     "sampling/serve": [],
     "tokenizer/reconstruct": ["inputs=x.png"],
     "eval/gfid": [],
+    "generator/fit_sampling": ["generator.checkpoint=G"],
 }
 
 
@@ -73,6 +75,7 @@ def test_a_complete_command_composes(config):
     ("tokenizer/train", ["experiment=small"], "data.root"),
     ("generator/cache", ["tokenizer.spec=titok_l32"], "data.root"),
     ("tokenizer/reconstruct", [], "inputs"),
+    ("generator/fit_sampling", [], "generator.checkpoint"),
 ])
 def test_missing_mandatory_value(config, argv, missing):
     with pytest.raises(UsageError, match=f"missing value for .*{missing}.*: pass"):
@@ -89,6 +92,7 @@ def test_unknown_key_suggests_the_closest(config):
         "sampling/serve": ("prot", "port"),
         "tokenizer/reconstruct": ("out_dri", "out_dir"),
         "eval/gfid": ("num_sample", "num_samples"),
+        "generator/fit_sampling": ("fit_sampling.num_sample", "fit_sampling.num_samples"),
     }[config]
     with pytest.raises(UsageError, match=f"unknown option {key} \\(did you mean {closest}\\?\\)"):
         check(config, *COMPLETE[config], f"{key}=1")

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from eval import demo_classifier as demo
+from titok_core import judges as demo
 from eval.demo_mode import gap_ratios
 from commands import assert_one_line_error, json_line, tiny_args, tiny_models
 from conftest import REPO

@@ -20,7 +20,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 from torch import nn
 
-import eval.demo_classifier as demo
+import titok_core.judges as demo
 from eval.fidelity import INCEPTION_FILENAME, INCEPTION_URL, InceptionFeatures, InceptionWeightsError, build_inception
 from eval.reference import (
     ReferenceStatsError,

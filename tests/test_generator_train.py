@@ -22,6 +22,7 @@ def _overrides(fx, tmp_path, steps):
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=16",
         f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.val_check_interval=4",
         "checkpoint_every_n_steps=2", "sample_every_n_steps=4", "sampling.num_steps=4",
+        "fit_sampling.enabled=false",
     ]
 
 

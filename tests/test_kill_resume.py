@@ -333,7 +333,7 @@ def _generator_args(tmp_path: Path, run: Path, steps: int) -> list[str]:
         "batch_size=16", "num_workers=0", f"trainer.max_steps={steps}", "trainer.max_time=null",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.val_check_interval=1000",
         "checkpoint_every_n_steps=2", "sample_every_n_steps=0",
-        "sampling.num_steps=4",
+        "sampling.num_steps=4", "fit_sampling.enabled=false",
     ]
 
 

@@ -23,6 +23,7 @@ def _args(fx: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=4",
         "val_fraction=0", "sample_every_n_steps=0", "checkpoint_every_n_steps=1000", "trainer.max_time=null",
         "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
+        "fit_sampling.enabled=false",
         *extra,
     ]
 

@@ -155,6 +155,7 @@ def _train_args(fx: Path, tmp: Path, run: str) -> list[str]:
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", f"batch_size={BATCH}",
         "val_fraction=0", "sample_every_n_steps=0", "checkpoint_every_n_steps=1000", "logger=null",
         f"trainer.max_steps={STEPS}", "trainer.max_time=null", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+        "fit_sampling.enabled=false",
     ]
 
 

@@ -1,13 +1,20 @@
-"""A small CNN classifier for the demo domain: class accuracy and a feature-space FID.
+"""The dataset's own judges: a small CNN classifier trained on its images (class accuracy, a
+feature-space FID), and which images it holds out for judging.
 
-The demo data (procedural 64x64 shapes in 10 classes, ``<root>/train/<class>/*.png`` and
-``<root>/val/<class>/*.png``) is far from ImageNet, so Inception FID says little there. The
-demo reports instead how often a generated image is recognised as its class, and the Frechet
-distance between this CNN's features of real and generated images. That number is labelled
-``DEMO_FID_LABEL`` wherever it is shown: it is not comparable with any Inception FID.
+A small or unusual dataset (the demo's procedural shapes, digits, a user's own 10 classes) is far
+from ImageNet, so Inception FID says little there. Its judges are instead how often a generated
+image is recognised as its class, and the Frechet distance between this CNN's features of real
+held-out and generated images. That number is labelled ``DEMO_FID_LABEL`` wherever it is shown:
+it is not comparable with any Inception FID. ``eval.gfid mode=demo`` reports them, and
+``generator.fit_sampling`` picks sampling settings with them.
+
+The data is an image folder, ``<root>/train/<class>/*`` and, when present, ``<root>/val/<class>/*``.
+Judging uses held-out images (:func:`judge_files`): the val split, or, when there is none, a fixed
+``HELDOUT_FRACTION`` of each train class, which the classifiers then never train on.
 
 The classifier trains once on the CPU (a fixed number of steps, about a minute) and is cached
-in a file keyed by the dataset (path, file names and sizes), the seed and the hyperparameters.
+in a file keyed by the dataset (path, file names and sizes, the held-out rule), the seed and the
+hyperparameters.
 """
 from __future__ import annotations
 
