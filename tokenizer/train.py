@@ -64,8 +64,6 @@ def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
         if preset not in PRESETS:
             raise ValueError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
         config = {**PRESETS[preset], **config}
-    if config.get("quantizer") == "vae":
-        raise ValueError("tokenizer training is implemented for VQ tokenizers only (quantizer vq or fsq), not quantizer=vae")
     return config
 
 
@@ -247,6 +245,8 @@ def train(cfg: DictConfig) -> dict:
         callbacks=callbacks, logger=OmegaConf.to_container(cfg.logger) if OmegaConf.is_config(cfg.logger) else cfg.logger,
         name=str(cfg.name), check_val_every_n_epoch=None, num_sanity_val_steps=0,
     )
+    # Two optimisers (manual optimisation): the module accumulates and clips gradients itself.
+    module.take_over_optimisation(trainer)
     # After the Trainer is built (its settings are checked, and it knows each process's global rank on
     # any launcher); the other ranks start their work once rank 0 has checked the run.
     if trainer.is_global_zero:
