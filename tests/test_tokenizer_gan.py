@@ -177,3 +177,29 @@ def test_accumulated_micro_batches_equal_one_larger_batch(tmp_path):
             torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-5, atol=1e-6)
     rows = _rows(tmp_path / "two")
     assert len(rows) == 2 and {int(r["step"]) for r in rows} <= {0, 1}
+
+
+def test_discriminator_schedule_is_the_official_one_stepped_once_per_process():
+    """The official discriminator scheduler is a cosine with warm-up over max_steps * P - start steps,
+    stepped P times per discriminator step (Accelerate steps a prepared scheduler once per process)."""
+    from tokenizer.official import discriminator_lr_factor
+
+    def official_lambda(step, *, warmup, total, base, end):  # get_cosine_schedule_with_warmup's lr_lambda
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return (end + (base - end) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))) / base
+
+    max_steps, start, warmup, base, end = 650, 200, 10, 1e-4, 1e-5  # the single-stage recipe / 1000
+    for processes in (1, 8):
+        scheduler_steps = 0  # what the official scheduler has counted before each discriminator step
+        for d_step in range(max_steps - start):
+            want = official_lambda(scheduler_steps, warmup=warmup * processes,
+                                   total=max_steps * processes - start, base=base, end=end)
+            got = discriminator_lr_factor(d_step, warmup_steps=warmup, max_steps=max_steps, start_step=start,
+                                          processes=processes, base_lr=base, end_lr=end)
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (processes, d_step)
+            scheduler_steps += processes
+    last = dict(warmup_steps=warmup, max_steps=max_steps, start_step=start, base_lr=base, end_lr=end)
+    assert discriminator_lr_factor(max_steps - start, processes=1, **last) == pytest.approx(end / base)
+    assert discriminator_lr_factor(max_steps - start, processes=8, **last) * base > 2.5e-5  # ends above end_lr
