@@ -114,7 +114,7 @@ def test_tokenizer_training_on_a_second_dataset_is_not_a_resume(tmp_path):
     # Another recipe: the same.
     with pytest.raises(RunMismatchError, match=r"recipe\.optim\.lr"):
         train(_tokenizer_cfg(run, a, "trainer.max_steps=4", "optim.lr=0.5"))
-    for key in ("loss.gan.lecam_weight=0.001", "loss.gan.schedule_processes=8", "codebook.clustering_vq=true",
+    for key in ("loss.gan.factor=0.5", "loss.gan.lecam_ema_decay=0.99", "loss.gan.schedule_processes=8",
                 "loss.kl_weight=0.1"):  # the official recipe's keys are part of it
         with pytest.raises(RunMismatchError, match=re.escape(f"recipe.{key.partition('=')[0]}")):
             train(_tokenizer_cfg(run, a, "trainer.max_steps=4", key))
