@@ -52,7 +52,7 @@ from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_us
 from tokenizer.discriminator import NLayerDiscriminator
 from tokenizer.losses import ReconstructionLoss, gradient_loss, reconstruction_loss
 from tokenizer.model import FSQ, ClusteringVQ, VectorQuantizer
-from tokenizer.perceptual import build_perceptual
+from tokenizer.perceptual import PerceptualLoss, build_perceptual
 from tokenizer.token_prior import TokenPrior
 from titok_core.lr_schedule import warmup_cosine
 from titok_core.metrics import psnr
@@ -284,6 +284,10 @@ class TiTokModule(L.LightningModule):
     @property
     def discriminator(self) -> NLayerDiscriminator | None:
         return None if self.loss_module is None else self.loss_module.discriminator
+
+    @property
+    def perceptual(self) -> PerceptualLoss | None:
+        return None if self.loss_module is None else self.loss_module.perceptual_loss
 
     def take_over_optimisation(self, trainer: L.Trainer) -> None:
         """Move the Trainer's ``accumulate_grad_batches`` and ``gradient_clip_val`` into this module.
