@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from titok_core.errors import UsageError
 from titok_core.checkpoints import atomic_path
 
 # From guided-diffusion evaluations/evaluator.py: Evaluator.compute_inception_score(split_size=5000);
@@ -117,7 +118,7 @@ def manifold_radii(
     """
     n = len(features)
     if n <= k:
-        raise ValueError(f"{k} nearest neighbours need more than {k} feature vectors, got {n}")
+        raise UsageError(f"{k} nearest neighbours need more than {k} feature vectors, got {n}")
     radii = torch.empty(n, dtype=torch.float32 if float16 else features.dtype, device=features.device)
     for r0 in range(0, n, row_batch_size):
         rows = features[r0 : r0 + row_batch_size]

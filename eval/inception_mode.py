@@ -17,19 +17,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from eval import adm
-from eval.fidelity import (
-    FEATURE_DIM,
-    InceptionFeatures,
-    ReferenceBatch,
-    ReferenceStatsError,
-    fid_from_stats,
-    gather_rows,
-    load_reference,
-)
+from eval.fidelity import FEATURE_DIM, InceptionFeatures, gather_rows
+from eval.reference import ReferenceBatch, ReferenceStatsError, load_reference
 from eval.samples import class_balanced_labels, interleaved_order, pipeline_from_config, sampler_and_decoder
 from eval.state import Progress, RowLog, fingerprint
 from sampling.fast import pipelined
+from titok_core.errors import UsageError
 from titok_core.images import save_png, to_uint8
+from titok_core.metrics import fid_from_stats
 from titok_core.runtime import autocast
 from titok_core.runs import file_identity
 
@@ -61,7 +56,7 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
         )
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     if cfg.save_npz and state_dir is None:
-        raise ValueError("save_npz needs state_dir: the samples are appended there batch by batch")
+        raise UsageError("save_npz needs state_dir: the samples are appended there batch by batch")
     device = fabric.device
     if pipe is None:
         pipe = pipeline_from_config(cfg)

@@ -14,9 +14,11 @@ from tqdm import tqdm
 from sampling.pipeline import (
     RENAMED_MODEL_KEYS, load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples,
 )
+from generator.sampler import SAMPLING_RANGES
 from sampling.classes import class_names
-from titok_core.cli import hydra_entry
-from titok_core.runtime import exit_on_user_error, pick_device
+from titok_core.errors import UsageError, exit_on_user_error
+from titok_core.cli import Ranges, hydra_entry
+from titok_core.runtime import pick_device
 
 
 def generate(
@@ -28,7 +30,7 @@ def generate(
 
     generator, tokenizer, sampling: the config groups (see :func:`sampling.pipeline.load_pipeline`)."""
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise UsageError(f"n must be positive, got {n}")
     dev = pick_device(device)
     pipe = load_pipeline(generator=generator, tokenizer=tokenizer, sampling=sampling).to(dev)
     names = class_names(pipe.generator.num_classes, pipe.classes)
@@ -65,6 +67,7 @@ def _main(cfg: DictConfig) -> None:
 
 main = hydra_entry(config="sampling/generate", description=__doc__, renamed=RENAMED_MODEL_KEYS,
                    scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"},
+                   ranges=SAMPLING_RANGES | Ranges(at_least_one=("n", "batch_size"), not_negative=("seed",)),
                    on_interrupt="interrupted: the PNGs written so far are complete")(_main)
 
 

@@ -16,9 +16,11 @@ from scipy import linalg
 from scipy.spatial.distance import cdist
 
 from eval import adm
-from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats
+from eval.fidelity import InceptionFeatures
+from eval.reference import load_reference_stats
 from eval.samples import class_balanced_labels, interleaved_order
 from eval.state import RowLog
+from titok_core.metrics import fid_from_stats
 
 # ---------------------------------------------------------------- the formulas
 
@@ -208,7 +210,7 @@ def test_save_npz_survives_a_kill_and_the_table_is_of_its_samples(
         run(cfg)
     assert not (tmp_path / "b.npz").exists()
     monkeypatch.setattr(Progress, "save", save)
-    monkeypatch.setattr("eval.fidelity._npz_image_features", lambda *a, **k: pytest.fail("reference not cached"))
+    monkeypatch.setattr("eval.reference._npz_image_features", lambda *a, **k: pytest.fail("reference not cached"))
     resumed = run(cfg)
     assert resumed["batches_this_run"] == 3  # batches 2 to 4: the uncommitted 2nd is made again
     assert (tmp_path / "b.npz").read_bytes() == (tmp_path / "a.npz").read_bytes()

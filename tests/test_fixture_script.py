@@ -17,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_official_fixtures.py"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PINNED = "942a96fbdd873780179d1b78d5462911528bf8c8"
 
 

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from test_tokenizer_train import TINY, _image_folder
 from titok_core.checkpoints import save_model_file
+from titok_core.errors import UsageError
 from tokenizer import build_tokenizer, load_tokenizer
 from tokenizer.train import train
 
@@ -131,7 +132,7 @@ def test_stage2_fine_tunes_the_decoder_in_pixels_with_the_gan(tmp_path):
     for part in ("decoder.", "proxy_codebook.", "pixel_decoder."):  # trained, as the official stage 2
         assert not all(torch.equal(b[k], a[k]) for k in b if k.startswith(part)), part
     assert after.decode(after.encode(images)).shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="needs no proxy.vqgan_checkpoint"):
+    with pytest.raises(UsageError, match="needs no proxy.vqgan_checkpoint"):
         train(_cfg(tmp_path, "bad", f"finetune.init_from={start}", "finetune.freeze_encoder=true",
                    "proxy.vqgan_checkpoint=vqgan.bin", "trainer.max_steps=1", model=TINY))
 

@@ -12,7 +12,8 @@ from conftest import compose_config
 from tokenizer import TiTokConfig, load_tokenizer
 from tokenizer.model import PixelDecoder
 from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
-from tokenizer.train import train, usage_figure
+from tokenizer.figures import usage_figure
+from tokenizer.train import train
 from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
 from tokenizer.perceptual import LPIPS_CHANNELS, build_lpips
 

@@ -1,12 +1,13 @@
-"""Device and precision choices, and the one-line error exit shared by every entry point."""
+"""Device and precision choices shared by every entry point."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from pathlib import Path
 
 import torch
+
+from titok_core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but no CUDA GPU is available")
+        raise UsageError(f"device {name!r} asked for but no CUDA GPU is available")
     return device
 
 
@@ -63,7 +64,7 @@ def resolve_dtype(device: torch.device, dtype: str) -> str:
     if dtype == "auto":
         return _auto_choice("dtype", cuda=device.type == "cuda", fast="bf16", plain="fp32")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     return dtype
 
 
@@ -81,19 +82,3 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return _auto_choice("precision", cuda=torch.cuda.is_available(), fast="bf16-mixed", plain="32-true")
-
-
-@contextlib.contextmanager
-def exit_on_user_error(*extra: type[BaseException]):
-    """For entry points: a bad spec, file or value becomes one ``error: ...`` line on stderr and exit 2.
-
-    Covers CheckpointError, FileNotFoundError and ValueError (with their subclasses such as
-    CacheMismatchError and ReferenceStatsError) plus ``extra``.
-    """
-    from titok_core.checkpoints import CheckpointError
-
-    try:
-        yield
-    except (CheckpointError, FileNotFoundError, ValueError, *extra) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tokenizer import build_tokenizer, official
+from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError
 from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
 from tokenizer.discriminator import NLayerDiscriminator
@@ -187,24 +188,24 @@ class TiTokModule(L.LightningModule):
         self.proxy = None
         proxy_codes = config.get("decoder_output", "proxy_codes") == "proxy_codes"
         if proxy_codes and freeze_encoder and vqgan_checkpoint:
-            raise ValueError("a proxy-codes tokenizer with a frozen encoder fine-tunes its decoder in pixels (TiTok's "
+            raise UsageError("a proxy-codes tokenizer with a frozen encoder fine-tunes its decoder in pixels (TiTok's "
                              "stage 2) and needs no proxy.vqgan_checkpoint (that is the stage-1 recipe)")
         if proxy_codes and not freeze_encoder:
             if not vqgan_checkpoint:
-                raise ValueError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
+                raise UsageError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
                                  "checkpoint (proxy.vqgan_checkpoint), or use decoder_output 'rgb'")
             from tokenizer.proxy_codes import load_maskgit_vqgan
 
             self.proxy, implied, pixel_state = load_maskgit_vqgan(vqgan_checkpoint)
             for key, value in implied.items():
                 if config.setdefault(key, value) != value:
-                    raise ValueError(f"model {key}={config[key]} does not match the VQGAN ({value})")
+                    raise UsageError(f"model {key}={config[key]} does not match the VQGAN ({value})")
         self.model = build_tokenizer(config)
         self.vae = not self.model.is_discrete
         if self.proxy is not None:
             factor = 2 ** (len(self.proxy.encoder.down) - 1)
             if factor != self.model.config.patch_size:
-                raise ValueError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
+                raise UsageError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
             missing = self.model.load_state_dict(pixel_state, strict=False)
             if missing.unexpected_keys:
                 raise CheckpointError(f"VQGAN decoder keys not in the model: {missing.unexpected_keys[:3]}")
@@ -222,7 +223,7 @@ class TiTokModule(L.LightningModule):
         self.clustering = None
         if cc.clustering_vq:
             if not learned_codebook:
-                raise ValueError("codebook.clustering_vq updates a VQ codebook: it needs quantizer vq and an encoder "
+                raise UsageError("codebook.clustering_vq updates a VQ codebook: it needs quantizer vq and an encoder "
                                  "that trains (not finetune.freeze_encoder)")
             self.clustering = ClusteringVQ(q.embedding.num_embeddings)
         # FSQ has no learned codebook: nothing can die, so there is nothing to revive; a frozen
@@ -235,14 +236,14 @@ class TiTokModule(L.LightningModule):
         self.prior = None
         if lc.rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
-                raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
+                raise UsageError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
         self.loss_module = None
         if self.proxy is None:
             self.loss_module = self._build_loss()
         elif lc.gan.weight > 0 or lc.perceptual_weight > 0:
-            raise ValueError("loss.gan and loss.perceptual_weight train in pixels; the stage-1 recipe (proxy codes) "
+            raise UsageError("loss.gan and loss.perceptual_weight train in pixels; the stage-1 recipe (proxy codes) "
                              "has no use for them")
         # Set by take_over_optimisation (the Trainer's settings); 1 and None without it.
         self.accumulate, self.clip, self.clip_algorithm = 1, None, "norm"
@@ -266,13 +267,13 @@ class TiTokModule(L.LightningModule):
         discriminator = None
         if lc.gan.weight > 0:
             if lc.gan.channels < 32 or lc.gan.channels % 32:
-                raise ValueError(f"loss.gan.channels={lc.gan.channels}: the official discriminator's width must be "
+                raise UsageError(f"loss.gan.channels={lc.gan.channels}: the official discriminator's width must be "
                                  "a multiple of 32 (GroupNorm(32)); its default is 128")
             if lc.gan.schedule_processes < 1:
-                raise ValueError(f"loss.gan.schedule_processes must be >= 1, got {lc.gan.schedule_processes}")
+                raise UsageError(f"loss.gan.schedule_processes must be >= 1, got {lc.gan.schedule_processes}")
             discriminator = NLayerDiscriminator(hidden_channels=lc.gan.channels, num_stages=lc.gan.layers)
         elif lc.gan.lecam_weight > 0:
-            raise ValueError("loss.gan.lecam_weight regularises the discriminator: it needs loss.gan.weight > 0")
+            raise UsageError("loss.gan.lecam_weight regularises the discriminator: it needs loss.gan.weight > 0")
         return ReconstructionLoss(
             discriminator=discriminator, perceptual=perceptual, reconstruction=lc.reconstruction,
             reconstruction_weight=lc.reconstruction_weight, quantizer_weight=lc.quantizer_weight,

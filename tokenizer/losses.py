@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titok_core.errors import UsageError
 from tokenizer import official
 from tokenizer.discriminator import NLayerDiscriminator
 from tokenizer.perceptual import PerceptualLoss
@@ -34,7 +35,7 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) ->
         return F.mse_loss(recon.float(), target.float())
     if kind == "l1":
         return F.l1_loss(recon.float(), target.float())
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+    raise UsageError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
 def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ class ReconstructionLoss(nn.Module):
     ):
         super().__init__()
         if reconstruction not in ("l1", "l2"):
-            raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {reconstruction!r}")
+            raise UsageError(f"reconstruction loss must be 'l1' or 'l2', got {reconstruction!r}")
         if discriminator is None and (gan_weight > 0 or lecam_weight > 0):
             raise ValueError("gan_weight and lecam_weight need a discriminator")
         if perceptual is None and perceptual_weight > 0:

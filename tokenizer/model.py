@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from tokenizer import official
+from titok_core.errors import UsageError
 from tokenizer.config import TiTokConfig
 
 
@@ -26,7 +27,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -64,7 +65,7 @@ class ConvStem(nn.Sequential):
     def __init__(self, *, patch_size: int, width: int):
         n = patch_size.bit_length() - 1
         if 2**n != patch_size or n < 1:
-            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+            raise UsageError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
         chans = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]  # ..., width/4, width/2, width
         layers: list[nn.Module] = []
         for i in range(n):
@@ -103,7 +104,7 @@ def sincos_grid(grid_size: int, width: int) -> torch.Tensor:
     """2D sine-cosine position codes (as MAE's) for a ``grid_size`` x ``grid_size`` patch grid:
     float [G*G, width], row-major; half the channels code the row, half the column."""
     if width % 4:
-        raise ValueError(f"sin-cos position codes need a width divisible by 4, got {width}")
+        raise UsageError(f"sin-cos position codes need a width divisible by 4, got {width}")
     freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * freqs  # (G, D/4)
     axis = torch.cat([pos.sin(), pos.cos()], dim=1)  # (G, D/2)
@@ -336,7 +337,7 @@ class FSQ(nn.Module):
     def __init__(self, *, levels: tuple[int, ...] | list[int]):
         super().__init__()
         if not levels or any(int(n) < 2 for n in levels):
-            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+            raise UsageError(f"FSQ levels must be integers >= 2, got {list(levels)}")
         lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
@@ -517,7 +518,7 @@ class TiTok(nn.Module):
         elif c.decoder_output == "conv":
             factor = 2 ** (len(c.pixel_decoder_channel_mult) - 1) * c.pixel_decoder_out_upscale
             if factor != c.patch_size:
-                raise ValueError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
+                raise UsageError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
                                  f"but patch_size is {c.patch_size}")
             self.pixel_decoder = PixelDecoder(
                 hidden_channels=c.pixel_decoder_hidden_channels, channel_mult=c.pixel_decoder_channel_mult,
