@@ -5,6 +5,13 @@ least one); cross-entropy with label smoothing 0.1 weighted 1 on masked and 0.1 
 positions; class labels dropped to the null label with probability 0.1 (for guidance); AdamW
 (2e-4, betas 0.9/0.96, weight decay 0.03 on matrices only), linear warm-up then cosine to
 1e-5; gradient clipping 1.0 (Trainer); EMA of the weights (``titok_core.trainer.ema_callback``).
+
+Besides the recipe, the masked-diffusion alternative (``mask_schedule="linear"``,
+``loss_weighting="elbo"``): the masked fraction drawn uniformly, and each sequence weighing the
+same whatever its number of masked tokens (the mean over its masked tokens), which is the ELBO
+of a masked diffusion model with the linear schedule (Shi et al. 2024, Sahoo et al. 2024) up to
+the rounding of the masked count. The official weighting averages over all masked tokens of the
+batch, so sequences with many masked tokens count for more.
 """
 from __future__ import annotations
 
@@ -15,24 +22,25 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from generator.mask_schedule import arccos_mask_ratio
+from generator.mask_schedule import MASK_SCHEDULES
 from generator.model import build_generator
 from generator.sampler import sample_tokens
+from titok_core.errors import UsageError
 from titok_core.images import save_png
 from titok_core.lr_schedule import warmup_cosine
 from titok_core.trainer import param_groups
 
 
 def mask_tokens(
-    tokens: torch.Tensor, mask_id: int, *, generator: torch.Generator | None = None
+    tokens: torch.Tensor, mask_id: int, *, generator: torch.Generator | None = None, schedule: str = "arccos",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask a random arccos-scheduled subset of each row.
+    """Mask a random subset of each row, its size drawn from the mask ``schedule`` (arccos: the official).
 
     tokens int64 [B,L] -> (inputs int64 [B,L] with ``mask_id`` where masked, mask bool [B,L]).
     """
     b, length = tokens.shape
     t = torch.rand(b, device=tokens.device, generator=generator)
-    ratio = arccos_mask_ratio(t).clamp(1e-6, 1.0)
+    ratio = MASK_SCHEDULES[schedule](t).clamp(1e-6, 1.0)
     num_masked = (length * ratio).round().clamp(min=1)
     ranks = torch.rand(b, length, device=tokens.device, generator=generator).argsort(dim=-1)
     mask = ranks < num_masked[:, None]
@@ -41,19 +49,28 @@ def mask_tokens(
 
 def masked_token_loss(
     logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, label_smoothing: float = 0.1,
-    unmasked_weight: float = 0.1,
+    unmasked_weight: float = 0.1, weighting: str = "official",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted cross-entropy over all positions and accuracy on the masked ones.
 
     logits float [B,L,K], targets int64 [B,L], mask bool [B,L] -> (loss scalar, accuracy scalar).
+    weighting: "official" (masked positions 1, unmasked ``unmasked_weight``, over the sum of the
+    weights) or "elbo" (a masked position of a row with m of L masked weighs L / m, an unmasked one
+    ``unmasked_weight``, over B * L: every row's masked tokens count as its mean).
     """
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
-    weights = torch.where(mask, 1.0, unmasked_weight)
-    loss = (ce * weights).sum() / (weights.sum() + 1e-8)
+    if weighting == "elbo":
+        per_row = mask.shape[1] / mask.sum(1, keepdim=True).clamp(min=1)
+        weights = torch.where(mask, per_row, unmasked_weight)
+        loss = (ce * weights).sum() / mask.numel()
+    else:
+        weights = torch.where(mask, 1.0, unmasked_weight)
+        loss = (ce * weights).sum() / (weights.sum() + 1e-8)
     hits = ((logits.argmax(-1) == targets) & mask).sum(1) / mask.sum(1).clamp(min=1)
     return loss, hits.float().mean()
 
 
+LOSS_WEIGHTINGS = ("official", "elbo")
 # The official exclusion, besides vectors: norms, biases, embeddings and the mask token.
 NO_DECAY_KEYS = ("norm", "bias", "embed", "mask_token")
 
@@ -65,13 +82,17 @@ class MaskGITModule(L.LightningModule):
         self, *, model_config: dict, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.03, warmup_steps: int = 10_000, max_steps: int = 500_000, end_lr: float = 1e-5,
         label_smoothing: float = 0.1, unmasked_weight: float = 0.1, class_dropout: float = 0.1,
-        ema: bool = True, ema_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
+        mask_schedule: str = "arccos", loss_weighting: str = "official", ema: bool = True, ema_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
     ):
         """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_decay:
         the EMA of the weights, which the entry point adds as ``titok_core.trainer.ema_callback``.
         fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
         torch.compile the network and the loss (the masking stays eager). Neither changes the recipe."""
         super().__init__()
+        if mask_schedule not in MASK_SCHEDULES:
+            raise UsageError(f"optim.mask_schedule={mask_schedule}: expected one of {', '.join(MASK_SCHEDULES)}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise UsageError(f"optim.loss_weighting={loss_weighting}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
         self.save_hyperparameters()
         self.model = build_generator(dict(model_config))
 
@@ -83,12 +104,13 @@ class MaskGITModule(L.LightningModule):
         if train and self.hparams.class_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.hparams.class_dropout
             labels = torch.where(drop, self.model.null_label, labels)
-        inputs, mask = mask_tokens(tokens, self.model.mask_id)
+        hp = self.hparams
+        inputs, mask = mask_tokens(tokens, self.model.mask_id, schedule=hp.get("mask_schedule", "arccos"))
         network, loss_fn = self._compiled() if self.hparams.get("compile") else (self.model, masked_token_loss)
         logits = network(inputs, labels)
         return loss_fn(
-            logits, tokens, mask, label_smoothing=self.hparams.label_smoothing,
-            unmasked_weight=self.hparams.unmasked_weight,
+            logits, tokens, mask, label_smoothing=hp.label_smoothing, unmasked_weight=hp.unmasked_weight,
+            weighting=hp.get("loss_weighting", "official"),
         )
 
     def training_step(self, batch, batch_idx):

@@ -22,4 +22,11 @@ def arccos_mask_ratio(t: float | torch.Tensor) -> float | torch.Tensor:
     return math.acos(t) / (math.pi * 0.5)
 
 
-MASK_SCHEDULES = {"arccos": arccos_mask_ratio}
+def linear_mask_ratio(t: float | torch.Tensor) -> float | torch.Tensor:
+    """The linear schedule of masked diffusion: 1 - t (t as in :func:`arccos_mask_ratio`), so that
+    training draws every masked fraction equally often."""
+    return 1.0 - t
+
+
+# Training's choice (optim.mask_schedule); the sampler keeps the official arccos.
+MASK_SCHEDULES = {"arccos": arccos_mask_ratio, "linear": linear_mask_ratio}

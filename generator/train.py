@@ -33,6 +33,8 @@ from tokenizer import load_tokenizer, require_discrete
 log = logging.getLogger(__name__)
 # run.json keys of runs recorded before an option was renamed: old -> new.
 RENAMED_RECORD_KEYS = {"recipe.cache_flip": "recipe.hflip", "recipe.optim.ema_max_decay": "recipe.optim.ema_decay"}
+# run.json keys added since, with the value the runs recorded before them had.
+ADDED_RECORD_KEYS = {"recipe.optim.mask_schedule": "arccos", "recipe.optim.loss_weighting": "official"}
 
 
 def prepare_cache(cfg: DictConfig, tokenizer, run: training.Run | None = None) -> Path:
@@ -79,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
             val_check_interval=min(tr.val_check_interval, max(1, datamodule.train_batches())) if has_val else None,
             limit_val_batches=tr.limit_val_batches if has_val else 0, check_val_every_n_epoch=None if has_val else 1),
         identity={"tokenizer": tokenizer_fingerprint(tokenizer), "model": model_config}, recipe={"optim": optim},
-        renamed_record=RENAMED_RECORD_KEYS,
+        renamed_record=RENAMED_RECORD_KEYS, added_record=ADDED_RECORD_KEYS,
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"run_dir": str(run.dir), "global_step": trainer.global_step, "cache_dir": str(cache_dir)}

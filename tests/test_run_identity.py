@@ -71,6 +71,22 @@ def test_record_resume_and_refuse(tmp_path):
     assert json.loads((run / "run.json").read_text())["dataset"]["root"] == "/e"
 
 
+def test_a_record_from_before_an_option_was_added_resumes_at_its_old_value(tmp_path):
+    old = {"dataset": {"root": "/d"}, "recipe": {"optim": {"lr": 1e-3}}}
+    run = tmp_path / "run"
+    start_run(run, old)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    added = {"recipe.optim.loss_weighting": "official"}
+    same = {"dataset": {"root": "/d"}, "recipe": {"optim": {"lr": 1e-3, "loss_weighting": "official"}}}
+    assert start_run(run, same, added=added) is True
+    changed = {"dataset": {"root": "/d"}, "recipe": {"optim": {"lr": 1e-3, "loss_weighting": "elbo"}}}
+    with pytest.raises(RunMismatchError, match=r"recipe.optim.loss_weighting \(was official, now elbo\)"):
+        start_run(run, changed, added=added)
+    with pytest.raises(RunMismatchError):  # without the rule, the new key alone is a difference
+        start_run(run, same)
+
+
 def test_a_run_without_a_record_is_not_resumed_blindly(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")

@@ -50,6 +50,18 @@ def test_mask_tokens_places_mask_id_exactly_where_masked():
     assert not torch.equal(mask_tokens(tokens, 64, generator=torch.Generator().manual_seed(4))[1], mask)
 
 
+def test_mask_tokens_linear_schedule_draws_every_fraction_alike():
+    """The masked-diffusion schedule: round(L * (1 - t)) masked, t ~ U(0,1); arccos masks more on average."""
+    b, length = 4000, 16
+    tokens = torch.zeros(b, length, dtype=torch.long)
+    _, mask = mask_tokens(tokens, 64, generator=torch.Generator().manual_seed(0), schedule="linear")
+    t = torch.rand(b, generator=torch.Generator().manual_seed(0))
+    expected = (length * (1 - t)).clamp(1e-6, 1.0 * length).round().clamp(min=1)
+    assert torch.equal(mask.sum(1), expected.long())
+    _, arccos = mask_tokens(tokens, 64, generator=torch.Generator().manual_seed(0))
+    assert abs(mask.float().mean() - 0.5) < 0.02 and abs(arccos.float().mean() - 2 / math.pi) < 0.02
+
+
 # ---------------------------------------------------------------- masked_token_loss
 
 
@@ -71,6 +83,31 @@ def test_masked_token_loss_weights_masked_1_and_unmasked_0_1():
     # Weight 1 on unmasked positions is the plain mean.
     plain, _ = masked_token_loss(logits, targets, mask, label_smoothing=0.0, unmasked_weight=1.0)
     assert float(plain) == pytest.approx((3 * math.log(4) + 7 * math.log(2)) / 10, rel=1e-6)
+
+
+def test_masked_token_loss_elbo_weighs_every_row_alike():
+    """Row 0: one masked token, CE log 4; row 1: three masked, CE log 4 each; unmasked CE log 2.
+    The official loss averages the 4 masked tokens; the ELBO weighting gives each row its own mean."""
+    mask = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    targets = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+    logits = _known_ce_logits(mask, targets)
+    logits[1, :3] = logits[1, :3].scatter(-1, targets[1, :3, None], 20.0)  # row 1's masked tokens: CE ~ 0
+    official, _ = masked_token_loss(logits, targets, mask, label_smoothing=0.0, unmasked_weight=0.0)
+    elbo, _ = masked_token_loss(logits, targets, mask, label_smoothing=0.0, unmasked_weight=0.0, weighting="elbo")
+    assert float(official) == pytest.approx(math.log(4) / 4, rel=1e-4)
+    assert float(elbo) == pytest.approx(math.log(4) / 2, rel=1e-4)  # (4/1 * log 4 + 4/3 * 3 * 0) / 8
+    # Unmasked positions keep their weight, over B * L.
+    with_unmasked, _ = masked_token_loss(logits, targets, mask, label_smoothing=0.0, weighting="elbo")
+    assert float(with_unmasked) == pytest.approx((4 * math.log(4) + 0.1 * 4 * math.log(2)) / 8, rel=1e-4)
+
+
+def test_the_training_options_are_checked(tiny_config):
+    from titok_core.errors import UsageError
+
+    with pytest.raises(UsageError, match="optim.mask_schedule=cosine: expected one of arccos, linear"):
+        MaskGITModule(model_config=tiny_config, mask_schedule="cosine")
+    with pytest.raises(UsageError, match="optim.loss_weighting=mdlm: expected one of official, elbo"):
+        MaskGITModule(model_config=tiny_config, loss_weighting="mdlm")
 
 
 def test_masked_token_loss_label_smoothing_matches_cross_entropy():

@@ -149,20 +149,23 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
-def _as_today(old: dict, new: dict, renamed: Mapping[str, str]) -> dict:
+def _as_today(old: dict, new: dict, renamed: Mapping[str, str], added: Mapping[str, object] = {}) -> dict:
     """A record an earlier version wrote, flattened, in today's terms: keys renamed since (``renamed``:
-    old dotted key -> new), and a dataset format recorded as given (``auto``) read as the detected one."""
+    old dotted key -> new), keys added since (``added``: dotted key -> the value every earlier run had),
+    and a dataset format recorded as given (``auto``) read as the detected one."""
     flat = {renamed.get(k, k): v for k, v in _flatten(old).items()}
+    for key, value in added.items():
+        flat.setdefault(key, value)
     if flat.get("dataset.format") == "auto" and "dataset.format" in new:
         flat["dataset.format"] = new["dataset.format"]
     return flat
 
 
-def differences(old: dict, new: dict, *, renamed: Mapping[str, str] = {}) -> list[str]:
+def differences(old: dict, new: dict, *, renamed: Mapping[str, str] = {}, added: Mapping[str, object] = {}) -> list[str]:
     """``key (was A, now B)`` for every leaf that differs between two identity records; ``old`` is read
     in today's terms first (see :func:`start_run`)."""
     b = _flatten(new)
-    a = _as_today(old, b, renamed)
+    a = _as_today(old, b, renamed, added)
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -177,13 +180,16 @@ def _short(value) -> str:
 
 def start_run(
     run_dir: str | os.PathLike, identity: dict, *, resume: bool | str = "auto", renamed: Mapping[str, str] = {},
+    added: Mapping[str, object] = {},
 ) -> bool:
     """Record ``identity`` in ``run_dir`` or check it against the record there; True when the run resumes.
 
     resume: "auto" (resume when the record agrees, stop with a RunMismatchError naming the
     differences when not) or False (move an existing run aside to ``<run_dir>.old-<time>`` and
     start afresh). ``identity`` must be JSON-serialisable. renamed: keys of records written
-    before an option was renamed (old dotted key -> new), so that those runs still resume; a
+    before an option was renamed (old dotted key -> new), so that those runs still resume; added:
+    keys of the identity that records written before them lack (dotted key -> the value those
+    runs had), likewise; a
     dataset format recorded as ``auto`` by earlier versions counts as the detected one.
     """
     run_dir = Path(run_dir)
@@ -202,7 +208,7 @@ def start_run(
         exists = False
     if exists and record.is_file():
         old = json.loads(record.read_text())
-        diff = differences(old, identity, renamed=renamed)
+        diff = differences(old, identity, renamed=renamed, added=added)
         if diff:
             raise RunMismatchError(
                 f"{run_dir} holds another run: it differs in {'; '.join(diff[:3])}"

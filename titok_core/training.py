@@ -99,7 +99,8 @@ def _container(node):
 
 
 def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (), trainer_args: dict | None = None,
-        renamed_record: dict | None = None, on_trainer: Callable | None = None, **data):
+        renamed_record: dict | None = None, added_record: dict | None = None, on_trainer: Callable | None = None,
+        **data):
     """Build the Trainer, record the run, resume and fit ``module``; returns the Trainer.
 
     identity: what the run is besides its dataset and recipe (the model config, the tokenizer ...);
@@ -107,10 +108,11 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
     the record adds the dataset (``run.data`` and the built-in dataset), the batch size, seed,
     flips and :data:`IDENTITY_TRAINER_KEYS`. callbacks: the trainer's own, after last.ckpt's.
     trainer_args: Trainer arguments the trainer sets itself (validation cadence). renamed_record:
-    keys of run.json files written before an option was renamed (see start_run). on_trainer: called
-    with the Trainer once it is built, before anything is fitted (a module that optimises by hand
-    takes over settings Lightning refuses with manual optimisation). data: what ``trainer.fit``
-    takes (the loaders or a datamodule).
+    keys of run.json files written before an option was renamed, added_record: keys added to the
+    record since, with the value earlier runs had (see start_run). on_trainer: called with the
+    Trainer once it is built, before anything is fitted (a module that optimises by hand takes over
+    settings Lightning refuses with manual optimisation). data: what ``trainer.fit`` takes (the
+    loaders or a datamodule).
     """
     cfg = run.cfg
     callbacks = [PeriodicLast(run.checkpoints, every_n_train_steps=cfg.checkpoint_every_n_steps), SaveLast(run.last),
@@ -126,7 +128,7 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
         record = {"dataset": {**run.data, "builtin": run.builtin}, **identity,
                   "recipe": {**recipe, "batch_size": cfg.batch_size, "seed": cfg.seed, "hflip": cfg.data.hflip,
                              "trainer": {k: cfg.trainer.get(k) for k in IDENTITY_TRAINER_KEYS}}}
-        if start_run(run.dir, record, resume=cfg.resume, renamed=renamed_record or {}):
+        if start_run(run.dir, record, resume=cfg.resume, renamed=renamed_record or {}, added=added_record or {}):
             log.info("%s: the same run, resuming", run.dir)
         with atomic_path(run.dir / "config.yaml") as tmp:  # this launch's whole config, for the record
             tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
