@@ -89,9 +89,18 @@ def _dummy(compose, key: str, image_folder: Path) -> str:
     pytest.fail(f"no dummy for the mandatory value {key}: add one to tests/test_experiments.py")
 
 
-# Values a config leaves null that its run requires (the config's comment says so).
+def _stage1_tokenizer(size: str):
+    """What a stage-2 experiment starts from: the file its stage-1 experiment writes for the dummy data."""
+    def override(compose, folder: Path) -> list[str]:
+        stage1 = experiment(compose, "tokenizer", f"imagenet_{size}_stage1", folder)
+        return [f"finetune.init_from={output_file('tokenizer', stage1)}"]
+    return override
+
+
+# Values a config leaves null or mandatory that its run requires (the config's comment says so).
 REQUIRED = {
     ("tokenizer", "small_decoder"): lambda compose, folder: [f"finetune.init_from={_small_tokenizer(compose, folder)}"],
+    **{("tokenizer", f"imagenet_{size}_stage2"): _stage1_tokenizer(size) for size in ("l32", "b64", "s128")},
 }
 
 
@@ -228,7 +237,7 @@ def _shapes(model) -> dict[str, tuple]:
 
 
 def test_experiments_are_found():
-    assert {"demo", "small", "digits", "imagenet_l32_stage1"} <= set(TOKENIZER_EXPERIMENTS)
+    assert {"demo", "small", "digits", "imagenet_l32_stage1", *OFFICIAL_RECIPES} <= set(TOKENIZER_EXPERIMENTS)
     assert {"demo", "small", "digits", "imagenet_l32", "maskgit_demo"} <= set(GENERATOR_EXPERIMENTS)
 
 
@@ -263,6 +272,97 @@ def test_tokenizer_experiment_builds_its_model(name, composed, outputs):
         side = {"demo": 64, "digits": 32}.get(builtin_of(cfg), 32)  # the dummy folder's 28 px -> 32
         assert (tok.image_size, tok.num_tokens, tok.codebook_size) == (side, 32, 1000)
         assert _shapes(tok) == _shapes(on_meta(build_tokenizer, titok_small(side)))
+
+
+# The official training recipes: experiment -> (the official YAML at 942a96f it follows, under
+# configs/training/, and the released tokenizer it trains). The single-stage releases have no YAML of
+# their own: their loss, optimisers and schedules are those of the TA-TiTok files (which differ in size only).
+OFFICIAL_RECIPES = {
+    "imagenet_l32_stage1": ("TiTok/stage1/titok_l32.yaml", "titok_l32"),
+    "imagenet_b64_stage1": ("TiTok/stage1/titok_b64.yaml", "titok_b64"),
+    "imagenet_s128_stage1": ("TiTok/stage1/titok_s128.yaml", "titok_s128"),
+    "imagenet_l32_stage2": ("TiTok/stage2/titok_l32.yaml", "titok_l32"),
+    "imagenet_b64_stage2": ("TiTok/stage2/titok_b64.yaml", "titok_b64"),
+    "imagenet_s128_stage2": ("TiTok/stage2/titok_s128.yaml", "titok_s128"),
+    "imagenet_bl64_vq8k": ("TA-TiTok/tatitok_bl64_vq.yaml", "titok_bl64_vq8k"),
+    "imagenet_bl128_vq8k": ("TA-TiTok/tatitok_bl128_vq.yaml", "titok_bl128_vq8k"),
+    "imagenet_sl256_vq8k": ("TA-TiTok/tatitok_bl128_vq.yaml", "titok_sl256_vq8k"),
+    "imagenet_ll32_vae_c16": ("TA-TiTok/tatitok_bl32_vae.yaml", "titok_ll32_vae_c16"),
+    "imagenet_bl64_vae_c16": ("TA-TiTok/tatitok_bl64_vae.yaml", "titok_bl64_vae_c16"),
+    "imagenet_bl128_vae_c16": ("TA-TiTok/tatitok_bl64_vae.yaml", "titok_bl128_vae_c16"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_RECIPES))
+def test_official_recipes_train_the_released_tokenizers(name, composed, outputs):
+    """Each recipe sizes to its released tokenizer and has the official file's values (copied here
+    from the YAML it names): batch, both optimisers, schedules, EMA, clipping, start steps, weights."""
+    official_file, preset = OFFICIAL_RECIPES[name]
+    cfg = composed[("tokenizer", name)]
+    assert official_file.rpartition("/")[2] in (CONF / "tokenizer" / "experiment" / f"{name}.yaml").read_text() \
+        or name.endswith("stage1")
+    tok = on_meta(build_tokenizer, tokenizer_config_of(cfg, composed, outputs))
+    assert tok.config == on_meta(build_tokenizer, TOKENIZER_PRESETS[preset]).config
+    assert _shapes(tok) == _shapes(on_meta(build_tokenizer, TOKENIZER_PRESETS[preset]))
+    stage = name.rpartition("_")[2]
+    single = stage not in ("stage1", "stage2")
+    # Every recipe: AdamW lr 1e-4 -> 1e-5 (cosine), weight decay 1e-4, EMA 0.999, clipping at 1.0, 32 per
+    # device and a global batch of 256 (the official README's 8 processes), bf16 for the official fp16.
+    assert (cfg.optim.lr, cfg.optim.end_lr, cfg.optim.weight_decay, cfg.optim.ema, cfg.optim.ema_decay) == (
+        1e-4, 1e-5, 1e-4, True, 0.999)
+    assert (cfg.batch_size, cfg.trainer.global_batch, cfg.trainer.gradient_clip_val) == (32, 256, 1.0)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.codebook.revive_every_n_steps == 0
+    want = {  # stage -> (betas, warm-up, steps)
+        "stage1": ([0.9, 0.99], 10_000, 1_000_000), "stage2": ([0.9, 0.999], 5_000, 500_000),
+    }.get(stage, ([0.9, 0.999], 10_000, 650_000))
+    assert (list(cfg.optim.betas), cfg.optim.warmup_steps, cfg.trainer.max_steps) == want
+    if stage == "stage1":
+        assert cfg.loss.gan.weight == 0 and cfg.loss.perceptual_weight == 0 and tok.decoder_output == "proxy_codes"
+        return
+    gan = cfg.loss.gan
+    assert (gan.lr, gan.factor, gan.lecam_weight, gan.lecam_ema_decay, gan.channels, gan.layers) == (
+        1e-4, 1.0, 0.001, 0.999, 128, 3)
+    assert gan.schedule_processes == 8 and cfg.loss.reconstruction == "l2" and cfg.loss.reconstruction_weight == 1
+    assert cfg.loss.gradient_weight == 0 and cfg.loss.rate_weight == 0 and not cfg.loss.random_weights
+    if stage == "stage2":
+        assert (gan.weight, gan.start_step, cfg.loss.perceptual, cfg.loss.perceptual_weight) == (
+            0.01, 20_000, "convnext_s", 0.1)
+        assert cfg.finetune.freeze_encoder and cfg.loss.quantizer_weight == 0 and not cfg.proxy.vqgan_checkpoint
+        assert cfg.finetune.init_from == output_file(  # the chain: stage 1's output file
+            "tokenizer", composed[("tokenizer", name.replace("stage2", "stage1"))])
+    else:
+        assert single and not cfg.finetune.init_from and not cfg.finetune.freeze_encoder
+        assert (gan.weight, gan.start_step, cfg.loss.perceptual, cfg.loss.perceptual_weight) == (
+            0.1, 200_000, "lpips-convnext_s-1.0-0.1", 1.1)
+        if tok.is_discrete:
+            assert cfg.codebook.clustering_vq and cfg.loss.quantizer_weight == 1 and tok.config.commitment_cost == 0.25
+        else:
+            assert not cfg.codebook.clustering_vq and (cfg.loss.kl_weight, cfg.loss.logvar_init) == (1e-6, 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OFFICIAL_RECIPES if not n.endswith("stage1")))
+def test_official_recipes_build_their_training_module(name, composed, outputs):
+    """The training module accepts each recipe's loss, optimiser and codebook groups (at full size, on
+    the meta device; perceptual networks untrained): its discriminator, perceptual loss and codebook aids."""
+    from tokenizer.lightning_module import TiTokModule
+
+    cfg = composed[("tokenizer", name)]
+    groups = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("loss", "optim", "codebook")}
+    groups["loss"]["random_weights"] = True  # no pretrained weights offline; the recipe's own is false
+    config = tokenizer_config_of(cfg, composed, outputs)
+    with torch.device("meta"):
+        module = TiTokModule(model_config=config.to_dict() if hasattr(config, "to_dict") else config,
+                             freeze_encoder=bool(cfg.finetune.freeze_encoder), max_steps=cfg.trainer.max_steps,
+                             vqgan_checkpoint=cfg.proxy.vqgan_checkpoint, **groups)
+    assert module.discriminator is not None and module.loss_module.lecam_weight == 0.001
+    assert module.loss_module.perceptual_loss.name == cfg.loss.perceptual
+    assert (module.clustering is not None) == bool(cfg.codebook.clustering_vq)
+    assert module.usage is None  # no dead-code revival in the official recipes
+    trainable = {n.partition(".")[0] for n, p in module.model.named_parameters() if p.requires_grad}
+    if name.endswith("stage2"):  # the official stage 2 trains the ViT decoder, the proxy codebook, the VQGAN decoder
+        assert trainable == {"decoder", "proxy_codebook", "pixel_decoder"}
+    else:
+        assert {"encoder", "latent_tokens", "decoder"} <= trainable
 
 
 def test_the_demo_recipes_size_to_the_shipped_tokenizer(composed, outputs):

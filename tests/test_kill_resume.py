@@ -222,7 +222,7 @@ def _tokenizer_images(root: Path, size: int = 16) -> Path:
     return root
 
 
-def _tokenizer_args(data: Path, run: Path, steps: int) -> list[str]:
+def _tokenizer_args(data: Path, run: Path, steps: int, *extra: str) -> list[str]:
     # experiment=small at a tiny width, on one training image: every batch is that image, whatever the
     # DataLoader's shuffle (which draws from the global RNG, not kept in a checkpoint), so a resumed
     # run sees the data the uninterrupted one saw and can be compared bit for bit.
@@ -232,6 +232,9 @@ def _tokenizer_args(data: Path, run: Path, steps: int) -> list[str]:
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
         "codebook.quantizer_warmup_steps=4", "optim.warmup_steps=2", "model.enc_width=32", "model.enc_depth=1",
         "model.enc_heads=2", "model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2", "model.num_tokens=8",
+        # The official GAN from step 1: the discriminator's own optimiser and schedule, and LeCAM's EMAs.
+        "loss.gan.weight=0.1", "loss.gan.start_step=1", "loss.gan.lecam_weight=0.001", "loss.gan.channels=32",
+        "loss.gan.layers=1", *extra,
     ]
 
 
@@ -277,30 +280,37 @@ def _check_resumed(resumed: list, final_last: Path, steps: int) -> None:
     assert final_step == steps and set(counts) == {steps}, (final_step, set(counts))
 
 
-def _tokenizer_kill_test(tmp_path, compose, points, steps):
+def _tokenizer_kill_test(tmp_path, compose, points, steps, *extra: str):
     from safetensors.torch import load_file
 
     from tokenizer.train import train
 
     data = _tokenizer_images(tmp_path / "data")
-    want = train(compose("tokenizer.train", _tokenizer_args(data, tmp_path / "want", steps)))
+    want = train(compose("tokenizer.train", _tokenizer_args(data, tmp_path / "want", steps, *extra)))
     assert want["global_step"] == steps
     run = tmp_path / "run"
-    args = _tokenizer_args(data, run, steps)
+    args = _tokenizer_args(data, run, steps, *extra)
     resumed = _kill_training(tmp_path, "tokenizer.train", args, run, points=points)
     output = _run_to_end("tokenizer.train", args, tmp_path, tmp_path / "rerun.log")
     assert f"trained {steps} steps" in output
     assert f"(step {resumed[-1][0]})" in output  # "resuming from .../last.ckpt (step k)"
     _check_resumed(resumed, run / "checkpoints" / "last.ckpt", steps)
-    # The trained weights, the optimizer state and the LR schedule are those of the uninterrupted run,
-    # bit for bit.
+    # The trained weights (model, EMA, discriminator), LeCAM's EMAs, both optimizers' states and both
+    # LR schedules are those of the uninterrupted run, bit for bit.
     got = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ref = torch.load(tmp_path / "want" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert got["lr_schedulers"] == ref["lr_schedulers"]
-    for a, b in zip(got["optimizer_states"][0]["state"].values(), ref["optimizer_states"][0]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-    model = [k for k in ref["state_dict"] if k.startswith("model.")]
-    assert model and all(torch.equal(got["state_dict"][k], ref["state_dict"][k]) for k in model)
+    assert got["lr_schedulers"] == ref["lr_schedulers"] and len(ref["lr_schedulers"]) == 2
+    assert len(got["optimizer_states"]) == len(ref["optimizer_states"]) == 2
+    for g, r in zip(got["optimizer_states"], ref["optimizer_states"]):
+        assert g["state"].keys() == r["state"].keys() and r["state"]
+        for a, b in zip(g["state"].values(), r["state"].values()):
+            assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert {int(s["step"]) for s in ref["optimizer_states"][1]["state"].values()} == {steps - 1}  # from step 1
+    assert got["state_dict"].keys() == ref["state_dict"].keys()
+    for part in ("model.", "ema.", "loss_module.discriminator.", "loss_module.ema_"):
+        keys = [k for k in ref["state_dict"] if k.startswith(part)]
+        assert keys and all(torch.equal(got["state_dict"][k], ref["state_dict"][k]) for k in keys), part
+    assert ref["state_dict"]["loss_module.ema_real_logits_mean"].abs() > 0
     # The exported EMA weights too: the EMA update and codebook revival of step k run before the
     # checkpoint of step k is written (tokenizer.lightning_module._AfterOptimizerStep).
     exported = load_file(run / "tokenizer.safetensors")
@@ -319,6 +329,14 @@ def test_tokenizer_train_killed_and_rerun_continues_from_its_checkpoint(tmp_path
 def test_tokenizer_train_survives_several_kills(tmp_path, compose):
     rng = random.Random(f"{SEED}-tokenizer-slow")
     _tokenizer_kill_test(tmp_path, compose, [(rng.randint(1, 3), rng.uniform(0, 0.1)) for _ in range(3)], steps=30)
+
+
+@pytest.mark.slow
+def test_vae_tokenizer_train_killed_and_rerun_draws_the_same_noise(tmp_path, compose):
+    """A VAE tokenizer decodes posterior samples: their noise comes from the run's seed and step,
+    so the resumed run is the uninterrupted one bit for bit."""
+    rng = random.Random(f"{SEED}-tokenizer-vae")
+    _tokenizer_kill_test(tmp_path, compose, [(rng.randint(1, 4), rng.uniform(0, 0.05))], 16, "model.quantizer=vae")
 
 
 # ----------------------------------------------------------------------------------------- generator.train

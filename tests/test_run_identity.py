@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,10 @@ def test_tokenizer_training_on_a_second_dataset_is_not_a_resume(tmp_path):
     # Another recipe: the same.
     with pytest.raises(RunMismatchError, match=r"recipe\.optim\.lr"):
         train(_tokenizer_cfg(run, a, "trainer.max_steps=4", "optim.lr=0.5"))
+    for key in ("loss.gan.factor=0.5", "loss.gan.lecam_ema_decay=0.99", "loss.gan.schedule_processes=8",
+                "loss.kl_weight=0.1"):  # the official recipe's keys are part of it
+        with pytest.raises(RunMismatchError, match=re.escape(f"recipe.{key.partition('=')[0]}")):
+            train(_tokenizer_cfg(run, a, "trainer.max_steps=4", key))
     fresh = train(_tokenizer_cfg(run, b, "resume=false"))
     assert fresh["resumed_from_step"] is None and fresh["global_step"] == 2
     assert len(list(tmp_path.glob("run.old-*"))) == 1

@@ -62,7 +62,7 @@ def test_tiny_run_trains_exports_and_resumes(tmp_path):
     result = train(_cfg(tmp_path, "trainer.max_steps=30", "codebook.quantizer_warmup_steps=5"))
     assert result["global_step"] == 30 and result["resumed_from_step"] is None
     metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
-    rec = _column(metrics, "train/rec_loss")
+    rec = _column(metrics, "train/reconstruction_loss")
     assert sum(rec[-5:]) / 5 < 0.5 * sum(rec[:5]) / 5, rec
     assert max(_column(metrics, "train/revived")) >= 16  # the warm-up's end restarted every code
     assert 0 < result["metrics"]["val/codebook_usage"] <= 1 and result["metrics"]["val/psnr"] > 0
@@ -89,8 +89,9 @@ def test_gan_l1_and_gradient_loss_run(tmp_path):
                         "loss.gan.start_step=2", "loss.gan.channels=32", "loss.gan.layers=1", "optim.ema=false",
                         "loss.gradient_weight=0.1"))
     metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
-    d_loss = _column(metrics, "train/d_loss")
-    assert result["global_step"] == 4 and len(d_loss) == 4 and all(v == v for v in d_loss)
+    d_loss = _column(metrics, "train/discriminator_loss")
+    # The discriminator trains from loss.gan.start_step on (steps 2 and 3).
+    assert result["global_step"] == 4 and len(d_loss) == 2 and all(v == v for v in d_loss)
     edge = _column(metrics, "train/gradient_loss")
     assert len(edge) == 4 and all(0 < v < 2 for v in edge)
 

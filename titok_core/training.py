@@ -20,6 +20,7 @@ the range checks of those options.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def _container(node):
 
 
 def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (), trainer_args: dict | None = None,
-        renamed_record: dict | None = None, added_record: dict | None = None, **data):
+        renamed_record: dict | None = None, added_record: dict | None = None, on_trainer: Callable | None = None,
+        **data):
     """Build the Trainer, record the run, resume and fit ``module``; returns the Trainer.
 
     identity: what the run is besides its dataset and recipe (the model config, the tokenizer ...);
@@ -107,8 +109,10 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
     flips and :data:`IDENTITY_TRAINER_KEYS`. callbacks: the trainer's own, after last.ckpt's.
     trainer_args: Trainer arguments the trainer sets itself (validation cadence). renamed_record:
     keys of run.json files written before an option was renamed, added_record: keys added to the
-    record since, with the value earlier runs had (see start_run). data: what
-    ``trainer.fit`` takes (the loaders or a datamodule).
+    record since, with the value earlier runs had (see start_run). on_trainer: called with the
+    Trainer once it is built, before anything is fitted (a module that optimises by hand takes over
+    settings Lightning refuses with manual optimisation). data: what ``trainer.fit`` takes (the
+    loaders or a datamodule).
     """
     cfg = run.cfg
     callbacks = [PeriodicLast(run.checkpoints, every_n_train_steps=cfg.checkpoint_every_n_steps), SaveLast(run.last),
@@ -116,6 +120,8 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
     trainer = build_trainer(trainer=_container(cfg.trainer), run_dir=run.dir, batch_size=cfg.batch_size,
                             callbacks=callbacks, logger=_container(cfg.logger), name=str(cfg.name),
                             **(trainer_args or {}))
+    if on_trainer is not None:
+        on_trainer(trainer)
     # After the Trainer is built (its settings are checked, and it knows each process's global rank on
     # any launcher); the other ranks start their work once rank 0 has checked the run.
     if trainer.is_global_zero:

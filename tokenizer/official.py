@@ -57,6 +57,24 @@ on the golden outputs of tests/fixtures/official_tiny/{discriminator,perceptual,
   towards the latent nearest to it (the unnormalised latent) by ``exp(-share * K * 10 / (1 - 0.99) - 1e-3)``:
   almost all the way for an unused code, not at all for a used one. It runs on every training
   forward, after the codes of that forward were picked.
+
+The training loop (official ``utils/train_utils.py``: ``create_optimizer``, ``create_lr_scheduler``,
+``train_one_epoch``), as :class:`tokenizer.lightning_module.TiTokModule` runs it:
+
+* ``NO_WEIGHT_DECAY_KEYS`` — AdamW without weight decay for vectors and for every parameter whose
+  name holds one of these words (the official list, matched on our names: ``embed`` also covers the
+  patch embedding and the decoder's input projection, as the official names do).
+* ``discriminator_lr_factor`` — the discriminator's schedule: the official cosine with warm-up is
+  built with ``max_train_steps * P - discriminator_start`` steps and stepped P times per
+  discriminator step (Accelerate steps a prepared scheduler once per process), P the launch's
+  processes; from ``discriminator_start`` on, so with P = 1 it ends with training, with P > 1 a
+  little above ``end_lr``. Its base is the model's learning rate, applied to the discriminator's.
+* One optimiser step per batch: the model's loss, backward, clipping to ``max_grad_norm``, its step;
+  then, from ``discriminator_start`` on, the discriminator's loss on the same (detached)
+  reconstructions, backward, clipping, its step; then the EMA. The model's warm-up here is
+  ``titok_core.lr_schedule.warmup_cosine`` (``(step + 1) / warmup``, the official ``step / warmup``:
+  one step apart), and the EMA's decay is ``min((1 + n) / (10 + n), 0.999)`` after n steps (the
+  official's ``n / (9 + n)``, one step apart).
 """
 from __future__ import annotations
 
@@ -309,3 +327,27 @@ def clustering_replace_weight(embed_prob: torch.Tensor, codebook_size: int) -> t
     0.999 for a code nobody picks and ~0 for one picked at the uniform rate 1/K or more.
     """
     return torch.exp(-(embed_prob * codebook_size * 10) / (1 - CLUSTERING_DECAY) - 1e-3)
+
+
+# Parameter names (substrings) that get no weight decay, besides every vector: the official
+# exclusion (``ln``, ``bias``, ``latent_tokens``, ``mask_token``, ``embedding``, ``norm``, ``gamma``,
+# ``embed``), of which our names need these (none of ours holds ``ln`` or ``gamma``).
+NO_WEIGHT_DECAY_KEYS = ("bias", "latent_tokens", "mask_token", "embed", "norm")
+
+
+def discriminator_lr_factor(d_step: int, *, warmup_steps: int, max_steps: int, start_step: int, processes: int,
+                            base_lr: float, end_lr: float) -> float:
+    """The official discriminator's learning-rate multiplier after ``d_step`` discriminator steps.
+
+    Official ``get_cosine_schedule_with_warmup`` with ``num_warmup_steps = warmup_steps * P`` and
+    ``num_training_steps = max_steps * P - start_step``, evaluated at ``d_step * P`` (P =
+    ``processes``): 0 -> 1 linearly over the warm-up, then a half cosine from ``base_lr`` to
+    ``end_lr``, divided by ``base_lr`` (the model's learning rate; it multiplies the
+    discriminator's). Returns a float >= 0.
+    """
+    step, warmup = d_step * processes, warmup_steps * processes
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, max_steps * processes - start_step - warmup))
+    ratio = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return (end_lr + (base_lr - end_lr) * ratio) / base_lr

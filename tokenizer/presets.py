@@ -137,6 +137,4 @@ def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
         if preset not in PRESETS:
             raise UsageError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
         config = {**PRESETS[preset], **config}
-    if config.get("quantizer") == "vae":
-        raise UsageError("tokenizer training is implemented for VQ tokenizers only (quantizer vq or fsq), not quantizer=vae")
     return config

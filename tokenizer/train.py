@@ -85,6 +85,8 @@ def train(cfg: DictConfig) -> dict:
         trainer_args=dict(check_val_every_n_epoch=None, num_sanity_val_steps=0),
         identity={"model": model_config, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True)},
         recipe={**groups, "proxy": OmegaConf.to_container(cfg.proxy, resolve=True)},
+        # Two optimisers (manual optimisation): the module accumulates and clips gradients itself.
+        on_trainer=module.take_over_optimisation,
     )
     skipped = count_skipped(train_set)
     if skipped is not None:
@@ -118,7 +120,10 @@ main = hydra_entry(
     config="tokenizer/train", description=__doc__,
     renamed={"model.num_latent_tokens": "model.num_tokens", "model.quantize_mode": "model.quantizer",
              "data.train_split": "data.split"},
-    ranges=training.TRAINER_RANGES | Ranges(at_least_one=("data.val_images",), positive=("loss.gan.lr",)),
+    ranges=training.TRAINER_RANGES | Ranges(
+        at_least_one=("data.val_images", "loss.gan.schedule_processes"), positive=("loss.gan.lr",),
+        not_negative=("loss.kl_weight", "loss.gan.weight", "loss.gan.start_step", "loss.gan.factor",
+                      "loss.gan.lecam_weight", "loss.gan.lecam_ema_decay")),
 )(_main)
 
 
