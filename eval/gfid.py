@@ -48,6 +48,11 @@ def run(cfg: DictConfig, pipe=None) -> dict:
     fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
                     strategy=trainer.strategy)
     fabric.launch()
+    launcher = fabric.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):  # this process started the other ranks
+        from titok_core.stopping import forward_signals
+
+        forward_signals(lambda signum: [proc.send_signal(signum) for proc in launcher.procs])
     torch.manual_seed(cfg.seed)
     if mode == "demo":
         return evaluate_demo(cfg, fabric.device)
@@ -88,6 +93,15 @@ def summary(result: dict) -> str:
 
 
 def _main(cfg: DictConfig) -> None:
+    from titok_core.quiet import quiet_libraries
+    from titok_core.stopping import stop_cleanly
+
+    quiet_libraries()
+    with stop_cleanly():  # Ctrl-C: 130; SIGTERM: the state of the batches done is saved, 143
+        _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> None:
     with exit_on_user_error():
         result = run(cfg)
     if result.get("processes", 1) > 1 and not torch.distributed.get_rank() == 0:

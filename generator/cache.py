@@ -187,30 +187,34 @@ def build_shards(
     pending = [i for i in range(rank, num_shards, world_size) if not _shard_path(out_dir, i).exists()]
     if not pending:
         return 0
+    from titok_core.stopping import at_safe_points, ignore_sigterm, stop_point
+
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     batches = _ShardBatches(pending, batch_size, n)
     if decode == "device":
         from generator.device_decode import EncodedImages, collate_encoded
 
         loader = DataLoader(EncodedImages(dataset), batch_sampler=batches, num_workers=num_workers,
-                            collate_fn=collate_encoded)
+                            collate_fn=collate_encoded, worker_init_fn=ignore_sigterm)
     else:
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
     skipped = 0
     tokenizer = tokenizer.to(device).eval()
     if compile:
         tokenizer.encoder.compile()
     resolution = getattr(dataset, "resolution", tokenizer.image_size)
     bar = tqdm(zip(pending, loader), total=len(pending), desc=f"token cache (rank {rank})", unit="batch", disable=None)
-    for index, batch in bar:
-        if decode == "device":
-            batch = _on_device(batch, dataset=dataset, resolution=resolution, device=device)
-        images, labels, kept = batch
-        size = min((index + 1) * batch_size, n) - index * batch_size
-        skipped += size - kept
-        tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
-        _write_shard(_shard_path(out_dir, index), tokens, pair_labels, size - kept)
+    with at_safe_points():  # SIGTERM stops between shards, never while a batch comes from a DataLoader worker
+        for index, batch in bar:
+            if decode == "device":
+                batch = _on_device(batch, dataset=dataset, resolution=resolution, device=device)
+            images, labels, kept = batch
+            size = min((index + 1) * batch_size, n) - index * batch_size
+            skipped += size - kept
+            tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
+            _write_shard(_shard_path(out_dir, index), tokens, pair_labels, size - kept)
+            stop_point()
     return skipped
 
 
@@ -289,22 +293,26 @@ def build_stream_shards(
     if not pending:
         return 0
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    from titok_core.stopping import at_safe_points, ignore_sigterm, stop_point
+
     stream = _StreamBatches(shards, pending, batch_size, out_dir, tokenizer.image_size)
     loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(pending)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
     tokenizer = tokenizer.to(device).eval()
     skipped = 0
     bar = tqdm(total=len(pending), desc=f"token cache (rank {rank})", unit="tar", disable=None)
-    for item in loader:
-        if "chunks" in item:
-            with atomic_path(_stream_done_path(out_dir, item["shard"])) as tmp:
-                tmp.write_text(json.dumps({"chunks": int(item["chunks"])}))
-            bar.update(1)
-            continue
-        tokens, labels = _encode_pairs(tokenizer, item["images"], item["labels"], device, dtype, flip=flip)
-        skipped += int(item["size"]) - int(item["kept"])
-        _write_shard(_stream_shard_path(out_dir, item["shard"], item["chunk"]), tokens, labels,
-                     int(item["size"]) - int(item["kept"]))
+    with at_safe_points():  # SIGTERM stops between batches, never while one comes from a DataLoader worker
+        for item in loader:
+            if "chunks" in item:
+                with atomic_path(_stream_done_path(out_dir, item["shard"])) as tmp:
+                    tmp.write_text(json.dumps({"chunks": int(item["chunks"])}))
+                bar.update(1)
+            else:
+                tokens, labels = _encode_pairs(tokenizer, item["images"], item["labels"], device, dtype, flip=flip)
+                skipped += int(item["size"]) - int(item["kept"])
+                _write_shard(_stream_shard_path(out_dir, item["shard"], item["chunk"]), tokens, labels,
+                             int(item["size"]) - int(item["kept"]))
+            stop_point()
     bar.close()
     return skipped
 
@@ -500,8 +508,10 @@ def build_token_cache(
     :func:`build_shards`.
     """
     from tokenizer import require_discrete
+    from titok_core.runtime import resolve_workers
 
     require_discrete(tokenizer, "a token cache for MaskGIT training")
+    num_workers = resolve_workers(num_workers)
     rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
@@ -518,12 +528,20 @@ def build_token_cache(
         return found
     # Another job may be building this very cache (a sweep started at once): wait for it, then take
     # its result or resume what it left. The ranks of one Fabric job share out the work instead.
-    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out_dir}.lock") if fabric is None else contextlib.nullcontext():
+    # The lock file lives in the cache folder and goes once the cache is finished: from then on
+    # nobody builds it (whoever gets the lock checks manifest.json first), so removing the file
+    # under a process that waits for it is harmless.
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    locked = fabric is None
+    with FileLock(_lock_path(out_dir)) if locked else contextlib.nullcontext():
         if (Path(out_dir) / "manifest.json").is_file():
+            if locked:
+                _lock_path(out_dir).unlink(missing_ok=True)
             return check()
         stream = isinstance(dataset, WebDatasetShards)
         if rank == 0:
+            images = "streamed images" if stream else f"{manifest['num_images']} images"
+            log.info("token cache %s: building it from %s (a rerun resumes it)", out_dir, images)
             _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
             _remove_leftovers(Path(out_dir))  # the other ranks wait at the barrier: nothing is being written
         barrier()
@@ -543,7 +561,14 @@ def build_token_cache(
             merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size,
                          manifest=manifest, num_tars=len(dataset) if stream else None)
         barrier()
+        if locked:
+            _lock_path(out_dir).unlink(missing_ok=True)
     return check()
+
+
+def _lock_path(out_dir: str | os.PathLike) -> Path:
+    """The lock of a cache being built: a hidden file in its folder, removed when the cache is finished."""
+    return Path(out_dir) / ".lock"
 
 
 def _check_partial(out_dir: str | os.PathLike, manifest: dict, batch_size: int, shards: list[str] | None = None) -> None:
@@ -615,14 +640,27 @@ def default_cache_dir(*, root: str | os.PathLike, split: str, tokenizer: torch.n
 def _main(cfg) -> None:
     """``python -m generator.cache``: tokenize a dataset (any format of titok_core.formats), across
     GPUs/processes with Lightning Fabric."""
+    from titok_core.stopping import stop_cleanly
+
+    with stop_cleanly(INTERRUPTED):
+        _build(cfg)
+
+
+def _build(cfg) -> None:
     from lightning import Fabric
 
     from tokenizer import load_tokenizer
     from titok_core.formats import open_split
     from titok_core.runtime import exit_on_user_error
+    from titok_core.stopping import forward_signals
 
-    fabric = Fabric(**cfg.trainer)
+    # Only the keys Fabric takes: the group is named trainer as in generator.train, whose experiments
+    # (experiment=small ...) set training keys there too.
+    fabric = Fabric(**{k: cfg.trainer[k] for k in FABRIC_KEYS if k in cfg.trainer})
     fabric.launch()
+    launcher = fabric.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):  # this process started the other ranks
+        forward_signals(lambda signum: [proc.send_signal(signum) for proc in launcher.procs])
     with exit_on_user_error():
         tok = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
         dataset = open_split(cfg.data.root, cfg.data.split, data_format=cfg.data.format, resolution=tok.image_size)
@@ -640,6 +678,8 @@ def _main(cfg) -> None:
         )
 
 
+INTERRUPTED = "interrupted: the finished shards are kept; run the same command to resume"
+FABRIC_KEYS = ("accelerator", "devices", "num_nodes", "strategy")
 RENAMED = {
     "data_root": "data.root", "split": "data.split", "data_format": "data.format", "checkpoint": "tokenizer.checkpoint",
     "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype", "num_workers": "cache.num_workers",
@@ -650,10 +690,11 @@ RENAMED = {
 
 def main() -> None:
     from titok_core.cli import hydra_entry
+    from titok_core.quiet import quiet_libraries
 
+    quiet_libraries()
     entry = hydra_entry(config="generator/cache", description=__doc__, renamed=RENAMED,
-                        scalar_groups={"tokenizer": "tokenizer.spec"},
-                        on_interrupt="interrupted: the finished shards are kept; run the same command to resume")
+                        scalar_groups={"tokenizer": "tokenizer.spec"}, on_interrupt=INTERRUPTED)
     entry(_main)()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def exit_on_user_error(*extra: type[BaseException]):
     except (CheckpointError, FileNotFoundError, ValueError, *extra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """DataLoader workers: ``"auto"`` -> min(4, usable CPU cores - 1) (0 on one core: the main process
+    loads), so the loader never asks for more workers than the machine has; a number is kept."""
+    if num_workers == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return min(4, max(0, cores - 1))
+    try:
+        workers = int(num_workers)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_workers must be auto or a number, got {num_workers!r}") from None
+    if workers < 0:
+        raise ValueError(f"num_workers must not be negative, got {workers}")
+    return workers
