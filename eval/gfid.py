@@ -23,7 +23,7 @@ from eval.demo_mode import evaluate_demo
 from eval.inception_mode import evaluate_generator
 from eval.rfid_mode import evaluate_tokenizer
 from sampling.pipeline import RENAMED_MODEL_KEYS
-from titok_core.checkpoints import atomic_path
+from titok_core.checkpoints import MissingWeightsError, atomic_path
 from titok_core.cli import hydra_entry
 from titok_core.runtime import exit_on_user_error
 
@@ -103,7 +103,10 @@ def _main(cfg: DictConfig) -> None:
 
 def _evaluate(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except MissingWeightsError as exc:  # this command can build it untrained (benchmarks)
+            raise MissingWeightsError(f"{exc}; random_weights=true builds it untrained (for timings only)") from None
     if result.get("processes", 1) > 1 and not torch.distributed.get_rank() == 0:
         return
     line = json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

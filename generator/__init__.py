@@ -15,7 +15,7 @@ from generator.assets import SHIPPED, shipped_path
 from generator.model import (
     CONFIG_KEYS, LEGACY_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator, config_from_file,
 )
-from generator.presets import HUB_REPOS, PRESETS, RELEASED_FILES
+from generator.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
 from titok_core.checkpoints import (
     CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, require_weights, resolve_spec,
 )
@@ -78,7 +78,7 @@ def load_generator(
     if checkpoint is not None:
         weights = Path(checkpoint)
     if weights is None and not random_weights:
-        require_weights(spec, kind="generator", hub_repos=HUB_REPOS, files=RELEASED_FILES)
+        require_weights(spec, kind="generator", hub_repos=HUB_REPOS, files=RELEASED_FILES, in_bin_repo=IN_BIN_REPO)
     state_dict = None
     if weights is not None:
         ours = read_own_model(

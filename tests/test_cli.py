@@ -216,6 +216,19 @@ def test_generate_never_mixes_two_runs_in_one_out_dir(tiny, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["grid.png", "sample_00000_class2.png", "sample_00001_class2.png"]
 
 
+@pytest.mark.parametrize("module, args, random_hint", [
+    ("sampling.generate", ["generator.spec=maskgit_l32"], False),
+    ("tokenizer.reconstruct", ["inputs=x.png", "tokenizer.spec=titok_b64"], False),
+    ("eval.gfid", ["mode=inception", "generator.spec=maskgit_b64", "reference=ref.npz"], True),
+])
+def test_the_missing_weights_hint_fits_the_command(tmp_path, module, args, random_hint):
+    """Each command names what it takes: random_weights=true only where it is an option (eval.gfid)."""
+    proc = run_cli(module, *args, cwd=tmp_path)
+    line = assert_one_line_error(proc, "is a released", "hf download fun-research/TiTok")
+    assert ("random_weights=true builds it untrained" in line) == random_hint, line
+    assert "random_weights=True" not in line
+
+
 @pytest.mark.xfail(strict=True, reason="needs the hydra: section of conf/sampling/generate.yaml: Hydra makes its "
                                        "run folder (out_dir/.hydra/...) before the request is checked")
 def test_a_refused_request_creates_no_out_dir(tiny, tmp_path):

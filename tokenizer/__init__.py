@@ -22,7 +22,7 @@ from titok_core.checkpoints import (
 )
 from tokenizer.config import FIELDS, LEGACY_KEYS, TiTokConfig, config_from_file, make_config
 from tokenizer.model import TiTok
-from tokenizer.presets import HUB_REPOS, PRESETS, RELEASED_FILES
+from tokenizer.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
 
 __all__ = [
     "TiTok", "TiTokConfig", "build_tokenizer", "load_tokenizer", "require_discrete", "CheckpointError", "PRESETS",
@@ -88,7 +88,7 @@ def load_tokenizer(
     if checkpoint is not None:
         weights = Path(checkpoint)
     if weights is None and not random_weights:
-        require_weights(spec, kind="tokenizer", hub_repos=HUB_REPOS, files=RELEASED_FILES)
+        require_weights(spec, kind="tokenizer", hub_repos=HUB_REPOS, files=RELEASED_FILES, in_bin_repo=IN_BIN_REPO)
     state_dict = None
     if weights is not None:
         ours = read_own_model(
