@@ -187,7 +187,7 @@ def build_shards(
     pending = [i for i in range(rank, num_shards, world_size) if not _shard_path(out_dir, i).exists()]
     if not pending:
         return 0
-    from titok_core.stopping import at_safe_points, ignore_sigterm, stop_point
+    from titok_core.stopping import at_safe_points, ignore_stop_signals, stop_point
 
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     batches = _ShardBatches(pending, batch_size, n)
@@ -195,10 +195,10 @@ def build_shards(
         from generator.device_decode import EncodedImages, collate_encoded
 
         loader = DataLoader(EncodedImages(dataset), batch_sampler=batches, num_workers=num_workers,
-                            collate_fn=collate_encoded, worker_init_fn=ignore_sigterm)
+                            collate_fn=collate_encoded, worker_init_fn=ignore_stop_signals)
     else:
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-                            pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     skipped = 0
     tokenizer = tokenizer.to(device).eval()
     if compile:
@@ -293,11 +293,11 @@ def build_stream_shards(
     if not pending:
         return 0
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-    from titok_core.stopping import at_safe_points, ignore_sigterm, stop_point
+    from titok_core.stopping import at_safe_points, ignore_stop_signals, stop_point
 
     stream = _StreamBatches(shards, pending, batch_size, out_dir, tokenizer.image_size)
     loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(pending)),
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     tokenizer = tokenizer.to(device).eval()
     skipped = 0
     bar = tqdm(total=len(pending), desc=f"token cache (rank {rank})", unit="tar", disable=None)

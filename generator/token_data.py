@@ -175,10 +175,10 @@ class TokenDataModule(L.LightningDataModule):
                                  log_rows=shuffle and bool(os.environ.get(ROWS_LOG_ENV)))
 
     def _loader_kw(self) -> dict:
-        from titok_core.stopping import ignore_sigterm  # a job-wide SIGTERM stops the job, not its workers
+        from titok_core.stopping import ignore_stop_signals  # the job stops at a safe point, not its workers
 
         return dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                    worker_init_fn=ignore_sigterm)
+                    worker_init_fn=ignore_stop_signals)
 
     def train_dataloader(self):
         if self.uses_device():

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_sigterm_in_training_saves_the_step_it_stopped_at_and_the_rerun_resumes_
     assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == (30, {30})
 
 
-def test_ctrl_c_in_training_prints_one_line_and_exits_130(tmp_path):
+def test_ctrl_c_in_training_saves_the_step_and_exits_130_and_twice_stops_at_once(tmp_path):
     job = _tiny_fit(tmp_path)
     _signal_when(job, lambda: 7 in _steps_printed(job.output()), signal.SIGINT)
     rc = job.wait()
@@ -87,9 +88,22 @@ def test_ctrl_c_in_training_prints_one_line_and_exits_130(tmp_path):
     assert rc == 130, out[-3000:]
     assert _stderr_lines(out)[-1] == RESUME_HINT, out[-3000:]
     assert "Traceback" not in out and "Detected KeyboardInterrupt" not in out, out[-3000:]
-    # Ctrl-C stops at once: the run continues from its last periodic checkpoint.
+    assert "stopping after the step in hand (Ctrl-C again stops at once)" in out
+    stopped = _steps_printed(out)[-1]
+    assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == (stopped, {stopped})
+
+    # Twice within one (long) step: at once, from the last periodic checkpoint (every 5 steps).
+    job = _tiny_fit(tmp_path, "--step-seconds", "2", log="twice.log")
+    _signal_when(job, lambda: stopped + 1 in _steps_printed(job.output()), signal.SIGINT)
+    time.sleep(0.3)
+    os.kill(job.proc.pid, signal.SIGINT)
+    rc = job.wait()
+    out = job.output()
+    assert rc == 130 and _stderr_lines(out)[-1] == RESUME_HINT and "Traceback" not in out, out[-3000:]
+    assert _steps_printed(out)[-1] == stopped + 1  # the step under way was not finished
     step, _ = _step(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert step % 5 == 0 and 5 <= step < 30
+    assert step <= stopped + 1 and (step % 5 == 0 or step == stopped)
+
     rerun = _tiny_fit(tmp_path, log="rerun.log")
     assert rerun.wait() == 0, rerun.tail()
     assert f"resuming from step {step}" in rerun.output() and "trained 30 steps" in rerun.output()
@@ -227,12 +241,16 @@ def test_the_token_cache_stops_cleanly_and_the_rerun_continues(tmp_path, compose
     assert f"token cache {out}: 120 sequences" in rerun.output()
     assert sorted(p.name for p in out.iterdir()) == ["labels.npy", "manifest.json", "tokens.npy"]
     assert not (tmp_path / "cache.lock").exists()  # nothing beside the cache either
-    # The same cache as a build that was never stopped.
-    torch.set_float32_matmul_precision("highest")
-    _main(compose("generator.cache", _cache_args(root, tmp_path / "want", workers)))
-    for name in ("tokens.npy", "labels.npy"):
-        assert (out / name).read_bytes() == (tmp_path / "want" / name).read_bytes()
     assert json.loads((out / "manifest.json").read_text())["num_images"] == 60
+    if signum == signal.SIGTERM:  # the same cache as a build that was never stopped (made here, once)
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # as in a fresh process
+        try:
+            _main(compose("generator.cache", _cache_args(root, tmp_path / "want", workers)))
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        for name in ("tokens.npy", "labels.npy"):
+            assert (out / name).read_bytes() == (tmp_path / "want" / name).read_bytes()
 
 
 @pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (3, 2), (16, 4)])

@@ -1,15 +1,19 @@
 """How a long job stops when it is asked to: Ctrl-C and SIGTERM.
 
-* **Ctrl-C** (SIGINT) stops at once: the job prints one line and exits 130. What it saved last
-  (a periodic checkpoint, finished cache shards, the evaluation's state) is where a rerun continues.
-* **SIGTERM** (``kill``, ``timeout``, job schedulers; SLURM before the time limit with
-  ``#SBATCH --signal=TERM@120``) stops at the next point where the job's state is whole: training
-  finishes the optimizer step, writes ``last.ckpt`` of that step (atomically, through the Trainer's
-  checkpoint writer) and exits 143; an evaluation saves its state after the batch in hand; a token
-  cache keeps its finished shards. The same command resumes from there.
+Both stop at the next point where the job's state is whole, save it there, print one line and exit:
+training finishes the optimizer step and writes ``last.ckpt`` of that step (atomically, through the
+Trainer's checkpoint writer); an evaluation saves its state after the batch in hand; a token cache
+finishes the shard in hand. The same command resumes from there.
 
-An entry point runs its work inside :func:`stop_cleanly` (the one line and the exit code);
-training calls :func:`fit` instead of ``trainer.fit``::
+* **Ctrl-C** (SIGINT): exit 130. A second Ctrl-C stops at once; the run then resumes from what it
+  saved last (a periodic checkpoint, the finished shards, the evaluation's last saved state).
+* **SIGTERM** (``kill``, ``timeout``, job schedulers; SLURM before the time limit with
+  ``#SBATCH --signal=TERM@120``): exit 143.
+
+Outside such a loop (loading models, building a dataset) both stop at once. An entry point runs
+its work inside :func:`stop_cleanly` (the handlers, the one line, the exit code); a loop marks its
+safe points with :func:`at_safe_points` / :func:`stop_point`; training calls :func:`fit` instead of
+``trainer.fit``::
 
     with stop_cleanly():                                  # in the entry point
         ...
@@ -19,11 +23,15 @@ Lightning's own handling does not give this: on Ctrl-C it calls ``sys.exit(1)`` 
 (``lightning.pytorch.trainer.call._call_and_handle_interrupt``), and on SIGTERM its loops raise
 ``SIGTERMException`` (a SystemExit with no code: exit 0) with nothing saved. Its loops also raise it
 at points that differ between ranks (the end of a step on the rank that got the signal,
-mid-validation), where the other ranks may be waiting in a collective. So while training runs,
-SIGTERM only marks the stop as asked (:class:`StopOnSignal` takes over the handler Lightning
+mid-validation), where the other ranks may be waiting in a collective. So while training runs the
+signals only mark the stop as asked (:class:`StopOnSignal` takes over the SIGTERM handler Lightning
 installed), and at every optimizer step all ranks agree through ``reduce_boolean_decision`` whether
-any of them was asked: every rank stops after the same step, saves together, and raises
-:class:`Terminated` (Lightning's ``SIGTERMException`` with exit code 143) together.
+any of them was asked: every rank stops after the same step, saves together, and raises together.
+
+Stopping between batches also keeps DataLoader workers out of it: they ignore both signals
+(:func:`ignore_stop_signals`, their ``worker_init_fn``) and are shut down by their main process,
+instead of dying mid-transfer (PyTorch's workers die of a SIGTERM that is not their parent's, as
+when a scheduler signals every process of a job, and the main process then fails).
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 RESUME_HINT = "interrupted: run the same command to resume"
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a job ended by Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+FINISHING = "stopping after the step in hand (Ctrl-C again stops at once)"
 
 
 class Terminated(SIGTERMException):
@@ -54,47 +63,66 @@ class Terminated(SIGTERMException):
         super().__init__(EXIT_TERMINATED)
 
 
-# The SIGTERM handler's state, per process (a forked child inherits the handler, but is not the job).
-_state = {"owner": None, "asked": False, "deferred": 0}
+# Per process: which signal asked the job to stop (None, SIGINT or SIGTERM), whether the stop is under
+# way (raised: later signals are ignored, so none lands in the shutdown), whether the code is in a
+# loop with safe points, and the process that installed the handlers (a forked child inherits them,
+# but is not the job).
+_state: dict = {"owner": None, "asked": None, "stopping": False, "deferred": 0}
 _forward: list[Callable[[int], None]] = []
 
 
-def _on_sigterm(signum, frame) -> None:
+def _stop_now(signum: int) -> BaseException:
+    """The exception that stops the job now (to be raised); from here on signals are ignored."""
+    _state["stopping"] = True
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _on_signal(signum, frame) -> None:
     if os.getpid() != _state["owner"]:
-        return  # a forked child (a multiprocessing worker): the process that started it stops it
-    first = not _state["asked"]
-    _state["asked"] = True
-    if first:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a forked child keeps Python's own Ctrl-C
+        return
+    if _state["stopping"]:
+        return
+    if _state["asked"] is not None:
+        if signum == signal.SIGINT:
+            raise _stop_now(signum)  # the second Ctrl-C: at once
+        return
+    _state["asked"] = signum
+    if signum == signal.SIGTERM:
         for kill in list(_forward):  # processes this one launched (the other ranks of a Lightning launch)
             with contextlib.suppress(OSError):
                 kill(signum)
-    if first and not _state["deferred"]:
-        raise Terminated()
+    if not _state["deferred"]:
+        raise _stop_now(signum)
+    if signum == signal.SIGINT:
+        _say(FINISHING)
 
 
 def _install() -> None:
-    """Make :func:`_on_sigterm` this process's SIGTERM handler (from the main thread only, as signal allows)."""
+    """Make :func:`_on_signal` this process's SIGINT and SIGTERM handler (the main thread only, as signal allows)."""
     if threading.current_thread() is threading.main_thread():
         _state["owner"] = os.getpid()
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
 
 
-def ignore_sigterm(worker_id: int | None = None) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM; its main process stops (at a safe
-    point) and shuts its workers down. PyTorch's workers otherwise die of a SIGTERM that does not come
-    from their parent, as when a scheduler signals every process of the job, and the main process
-    then fails with "DataLoader worker ... is killed by signal: Terminated"."""
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores Ctrl-C and SIGTERM; its main process stops
+    at a safe point and shuts its workers down."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_asked() -> bool:
-    """True once SIGTERM has reached this process (inside :func:`stop_cleanly` or a :func:`fit`)."""
-    return _state["asked"] and _state["owner"] == os.getpid()
+    """True once Ctrl-C or SIGTERM has asked this process to stop (under :func:`stop_cleanly` or :func:`fit`)."""
+    return _state["asked"] is not None and _state["owner"] == os.getpid()
 
 
 @contextlib.contextmanager
 def at_safe_points() -> Iterator[None]:
-    """Inside, SIGTERM only marks the stop as asked; the code calls :func:`stop_point` where its state is whole."""
+    """Inside, Ctrl-C and SIGTERM only mark the stop as asked; the code calls :func:`stop_point` where
+    its state is whole (a second Ctrl-C still stops at once)."""
     _state["deferred"] += 1
     try:
         yield
@@ -103,16 +131,18 @@ def at_safe_points() -> Iterator[None]:
 
 
 def stop_point(save: Callable[[], None] | None = None) -> None:
-    """Where the state is whole: when SIGTERM has come, ``save()`` it and raise :class:`Terminated`."""
+    """Where the state is whole: once a stop is asked, ``save()`` the state and raise
+    KeyboardInterrupt (Ctrl-C) or :class:`Terminated` (SIGTERM)."""
     if stop_asked():
         if save is not None:
             save()
-        raise Terminated()
+        raise _stop_now(_state["asked"])
 
 
 def forward_signals(kill: Callable[[int], None]) -> Callable[[int], None]:
     """SIGTERM reaching this process is passed on with ``kill(signum)``, e.g. to the other ranks a
-    Lightning launcher started as subprocesses of this one. Returns ``kill`` (for :func:`stop_forwarding`)."""
+    Lightning launcher started as subprocesses of this one (Ctrl-C reaches them from the terminal).
+    Returns ``kill`` (for :func:`stop_forwarding`)."""
     _forward.append(kill)
     return kill
 
@@ -123,7 +153,7 @@ def stop_forwarding(kill: Callable[[int], None]) -> None:
 
 
 def _say(message: str) -> None:
-    """The one line, from the first process only (every rank of a multi-process job stops the same way)."""
+    """A line on stderr from the first process only (every rank of a multi-process job stops the same way)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) == 0:
@@ -134,23 +164,29 @@ def _say(message: str) -> None:
 def stop_cleanly(message: str = RESUME_HINT) -> Iterator[None]:
     """Run an entry point's work: Ctrl-C -> ``message`` on stderr, exit 130; SIGTERM -> ``message``, exit 143.
 
-    Installs the SIGTERM handler for the block (SIGTERM raises :class:`Terminated` where the code is,
-    except inside :func:`at_safe_points`) and restores the previous one after it.
+    Installs the handlers for the block (a stop raises where the code is, except inside
+    :func:`at_safe_points`) and restores the previous ones after it, unless the job stopped: then
+    they stay, ignoring any later Ctrl-C while the process exits.
     """
-    previous = signal.getsignal(signal.SIGTERM)
-    _state["asked"] = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    _state["asked"], _state["stopping"] = None, False
     _install()
     try:
         yield
     except KeyboardInterrupt:
+        _state["stopping"] = True
         _say(message)
         sys.exit(EXIT_INTERRUPTED)
     except SIGTERMException:  # ours, or Lightning's own (a SIGTERM before training started)
+        _state["stopping"] = True
         _say(message)
         sys.exit(EXIT_TERMINATED)
     finally:
-        if threading.current_thread() is threading.main_thread() and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if not _state["stopping"]:
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         _forward.clear()
 
 
@@ -173,11 +209,11 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 
 class StopOnSignal(Checkpoint):
-    """Stop training after the optimizer step in which SIGTERM came, with ``last`` saved at that step.
+    """Stop training after the optimizer step in which Ctrl-C or SIGTERM came, with ``last`` saved at that step.
 
     A Checkpoint callback, so Lightning runs it after every other callback's ``on_train_batch_end``
     (EMA updates and the like), as it runs ModelCheckpoint: the saved step is whole. Also records a
-    Ctrl-C (``interrupted``), which Lightning turns into ``sys.exit(1)``.
+    Ctrl-C that stopped training at once (``interrupted``), which Lightning turns into ``sys.exit(1)``.
     """
 
     def __init__(self, last: str | os.PathLike):
@@ -190,7 +226,8 @@ class StopOnSignal(Checkpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning has installed its SIGTERM handler by now (the signal connector, just before the
-        # loops run); from here SIGTERM only marks the stop as asked, and the step's end acts on it.
+        # loops run; its teardown puts back the handlers it found). From here a signal only marks
+        # the stop as asked, and the end of the step acts on it.
         self._step = trainer.global_step
         _state["deferred"] += 1
         self._deferring = True
@@ -217,7 +254,7 @@ class StopOnSignal(Checkpoint):
         trainer.save_checkpoint(self.last, weights_only=False)
         if trainer.is_global_zero:
             log.info("stopped after step %d; %s holds it", trainer.global_step, self.last)
-        raise Terminated()
+        raise _stop_now(_state["asked"] or signal.SIGTERM)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
@@ -234,13 +271,14 @@ class StopOnSignal(Checkpoint):
 def fit(trainer, model, *, last: str | os.PathLike, **fit_kwargs) -> None:
     """``trainer.fit(model, **fit_kwargs)`` that stops as this module says.
 
-    last: the checkpoint a SIGTERM writes (the run's ``checkpoints/last.ckpt``; a rerun resumes from
+    last: the checkpoint a stop writes (the run's ``checkpoints/last.ckpt``; a rerun resumes from
     it). Raises KeyboardInterrupt after a Ctrl-C (instead of Lightning's ``sys.exit(1)``) and
     :class:`Terminated` after a SIGTERM, once the checkpoint is written; :func:`stop_cleanly` turns
     them into the one line and the exit code.
     """
     if _state["owner"] != os.getpid() or not _state["deferred"]:
-        _state["asked"] = False  # a SIGTERM before this point has already stopped the job, or was not ours
+        # A stop asked before this point has already stopped the job, or was not ours.
+        _state["asked"], _state["stopping"] = None, False
     callback = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
     if callback is None:
         callback = StopOnSignal(last)
@@ -249,10 +287,10 @@ def fit(trainer, model, *, last: str | os.PathLike, **fit_kwargs) -> None:
         trainer.fit(model, **fit_kwargs)
     except SystemExit as exc:
         if callback.interrupted and not isinstance(exc, SIGTERMException):
-            # Lightning set SIGINT to "ignore" for its shutdown; a later Ctrl-C must work again.
+            # Lightning set Ctrl-C to "ignore" for its shutdown; the next one must work again.
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGINT, _on_signal if _state["owner"] == os.getpid() else signal.default_int_handler)
             raise KeyboardInterrupt from None
         raise
-    if stop_asked():  # SIGTERM after the last step's check: training ended and saved its last.ckpt
-        raise Terminated()
+    if stop_asked():  # asked after the last step's check: training ended and saved its last.ckpt
+        raise _stop_now(_state["asked"])
