@@ -22,10 +22,11 @@ from eval.adm import precision_recall  # noqa: F401 - eval.gfid.precision_recall
 from eval.demo_mode import evaluate_demo
 from eval.inception_mode import evaluate_generator
 from eval.rfid_mode import evaluate_tokenizer
+from generator.sampler import SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
+from titok_core.errors import UsageError, exit_on_user_error
 from titok_core.checkpoints import MissingWeightsError, atomic_path
-from titok_core.cli import hydra_entry
-from titok_core.runtime import exit_on_user_error
+from titok_core.cli import Ranges, hydra_entry
 
 # Old spellings on the command line, refused with the new key (see CHANGELOG.md).
 RENAMED = {
@@ -43,7 +44,7 @@ def run(cfg: DictConfig, pipe=None) -> dict:
     if mode == "auto":
         mode = "demo" if cfg.generator.spec is None and cfg.generator.checkpoint is None else "inception"
     if mode not in ("demo", "inception", "rfid"):
-        raise ValueError(f"mode must be auto, demo, inception or rfid, got {cfg.mode!r}")
+        raise UsageError(f"mode must be auto, demo, inception or rfid, got {cfg.mode!r}")
     trainer = cfg.trainer
     fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
                     strategy=trainer.strategy)
@@ -80,16 +81,33 @@ def summary(result: dict) -> str:
         return (f"rFID {result['fid']:.3f}, PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
                 f"over {result['num_images']} images ({result['tokenizer']})")
     worst = min(result["colour_blind_per_class_accuracy"])
-    return (f"demo: {100 * result['class_accuracy']:.1f}% of {result['num_samples']} samples recognised as their class; "
-            f"by shape alone (colour-blind classifier) {100 * result['colour_blind_accuracy']:.1f}% "
-            f"(worst class {100 * worst:.0f}%); "
-            f"{result['fid_label']} {result['classifier_fid']:.3f} (real train vs val: "
-            f"{result['classifier_fid_real_train_vs_val']:.3f}); precision {result['precision']:.3f}, "
-            f"recall {result['recall']:.3f} (real train vs val: {result['precision_recall_real_train_vs_val'][0]:.3f}, "
-            f"{result['precision_recall_real_train_vs_val'][1]:.3f}); the tokenizer's reconstructions of real val "
-            f"images: {result['reconstruction_psnr']:.2f} dB, colour-blind "
-            f"{100 * result['reconstruction_colour_blind_accuracy']:.1f}% "
-            f"(worst class {100 * min(result['reconstruction_colour_blind_per_class_accuracy']):.0f}%)")
+    lines = [
+        f"demo: {100 * result['class_accuracy']:.1f}% of {result['num_samples']} samples recognised as their class; "
+        f"by shape alone (colour-blind classifier) {100 * result['colour_blind_accuracy']:.1f}% "
+        f"(worst class {100 * worst:.0f}%); "
+        f"{result['fid_label']} {result['classifier_fid']:.3f} (real train vs val: "
+        f"{result['classifier_fid_real_train_vs_val']:.3f}); precision {result['precision']:.3f}, "
+        f"recall {result['recall']:.3f} (real train vs val: {result['precision_recall_real_train_vs_val'][0]:.3f}, "
+        f"{result['precision_recall_real_train_vs_val'][1]:.3f}); the tokenizer's reconstructions of real val "
+        f"images: {result['reconstruction_psnr']:.2f} dB, colour-blind "
+        f"{100 * result['reconstruction_colour_blind_accuracy']:.1f}% "
+        f"(worst class {100 * min(result['reconstruction_colour_blind_per_class_accuracy']):.0f}%)",
+        f"{result['heldout']}",
+        "the gap to the tokenizer's ceiling (its reconstructions, judged alike):",
+        f"  {'':24} {'samples':>9} {'ceiling':>9} {'ratio':>7}",
+    ]
+    for name, ours, ceiling, ratio, pct in (
+        ("class accuracy", "class_accuracy", "reconstruction_class_accuracy", "accuracy_ratio", True),
+        ("shape accuracy", "colour_blind_accuracy", "reconstruction_colour_blind_accuracy", "colour_blind_ratio", True),
+        ("classifier-FID", "classifier_fid", "ceiling_classifier_fid", "fid_ratio", False),
+    ):
+        a, b, r = result[ours], result[ceiling], result[ratio]
+        fmt = (lambda v: f"{100 * v:8.1f}%") if pct else (lambda v: f"{v:9.3f}")
+        lines.append(f"  {name:24} {fmt(a)} {fmt(b)} {'n/a' if r is None else f'{r:.2f}':>7}")
+    lines.append("  (accuracies: reconstructions of the held-out images; FID: reconstructions of "
+                 f"{result['ceiling_images']} training images, as many per class as samples, against the held-out "
+                 "images; targets: FID ratio <= 1.5, accuracy ratios >= 0.9)")
+    return "\n".join(lines)
 
 
 def _main(cfg: DictConfig) -> None:
@@ -118,7 +136,12 @@ def _evaluate(cfg: DictConfig) -> None:
         print(f"written to {cfg.out}")
 
 
-main = hydra_entry(config="eval/gfid", description=__doc__, renamed=RENAMED, scalar_groups=SCALAR_GROUPS)(_main)
+RANGES = SAMPLING_RANGES | Ranges(
+    at_least_one=("num_samples", "batch_size", "state_every", "demo_per_class", "classifier_steps",
+                  "colour_blind_steps", "trainer.num_nodes"),
+    not_negative=("seed",))
+main = hydra_entry(config="eval/gfid", description=__doc__, renamed=RENAMED, scalar_groups=SCALAR_GROUPS,
+                   ranges=RANGES)(_main)
 
 
 if __name__ == "__main__":

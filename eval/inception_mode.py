@@ -17,19 +17,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from eval import adm
-from eval.fidelity import (
-    FEATURE_DIM,
-    InceptionFeatures,
-    ReferenceBatch,
-    ReferenceStatsError,
-    fid_from_stats,
-    gather_rows,
-    load_reference,
-)
+from eval.fidelity import FEATURE_DIM, InceptionFeatures, gather_rows
+from eval.reference import ReferenceBatch, ReferenceStatsError, load_reference
 from eval.samples import class_balanced_labels, interleaved_order, pipeline_from_config, sampler_and_decoder
 from eval.state import Progress, RowLog, fingerprint
 from sampling.fast import pipelined
+from titok_core.errors import UsageError
 from titok_core.images import save_png, to_uint8
+from titok_core.metrics import fid_from_stats
 from titok_core.runtime import autocast
 from titok_core.runs import file_identity
 
@@ -50,8 +45,9 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
 
     pipe: an already loaded :class:`sampling.pipeline.Pipeline` for cfg's models (benchmarks reuse
     one, and with it the compiled code); None loads it. The result holds the table's figures
-    (``inception_score``: the evaluator's IS; ``fid``; ``precision``/``recall``, None when the
-    reference has no images) and torch-fidelity's IS (``is_mean``/``is_std``: 10 shuffled splits).
+    (``inception_score``: the evaluator's IS; ``fid``; ``precision``/``recall``: the evaluator's, with
+    float16 distances, and ``precision_fp32``/``recall_fp32`` with float32 ones; all four None when
+    the reference has no images) and torch-fidelity's IS (``is_mean``/``is_std``: 10 shuffled splits).
     """
     if not cfg.reference:
         raise ReferenceStatsError(
@@ -60,7 +56,7 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
         )
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     if cfg.save_npz and state_dir is None:
-        raise ValueError("save_npz needs state_dir: the samples are appended there batch by batch")
+        raise UsageError("save_npz needs state_dir: the samples are appended there batch by batch")
     device = fabric.device
     if pipe is None:
         pipe = pipeline_from_config(cfg)
@@ -157,15 +153,20 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
     file_order = interleaved_order(labels)
     inception_score = adm.inception_score(acc.logits()[row_of[file_order]])
     sample_features = gather_rows(torch.from_numpy(np.array(features.read())))
-    precision = recall = None
+    precision = recall = precision_fp32 = recall_fp32 = None
     if reference.features is not None:
-        precision, recall = adm.precision_recall(sample_features.to(device), torch.from_numpy(reference.features).to(device))
+        fake, real = sample_features.to(device), torch.from_numpy(reference.features).to(device)
+        # The table's are the evaluator's (float16 distances), as papers report; the exact float32
+        # figures go in the JSON beside them (docs/gfid.md).
+        precision, recall = adm.precision_recall(fake, real, float16=True)
+        precision_fp32, recall_fp32 = adm.precision_recall(fake, real)
     if samples is not None:
         _write_npz(cfg.save_npz, [RowLog(state_file(r, ".samples"), samples.row_shape, np.uint8) for r in range(world)],
                    row_of, file_order, labels, fabric)
     return {
         "metric": "gFID", "inception_score": inception_score, "fid": fid_from_stats(mu, sigma, reference.mu, reference.sigma),
-        "sfid": None, "precision": precision, "recall": recall, "is_mean": is_mean, "is_std": is_std,
+        "sfid": None, "precision": precision, "recall": recall, "precision_fp32": precision_fp32,
+        "recall_fp32": recall_fp32, "is_mean": is_mean, "is_std": is_std,
         "num_samples": acc.count, "reference_images": None if reference.features is None else len(reference.features),
         "reference_stats": reference.stats_from, "npz": str(cfg.save_npz) if cfg.save_npz else None,
         "model": pipe.source, "checkpoint": cfg.generator.checkpoint, "sampling": pipe.sampling,

@@ -13,12 +13,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from eval.fidelity import InceptionFeatures, center_crop_uint8, fid_from_stats, list_image_files
+from eval.fidelity import InceptionFeatures
+from eval.reference import center_crop_uint8
 from eval.state import Progress, fingerprint
+from titok_core.errors import MissingFileError, UsageError
 from titok_core.images import to_uint8
-from titok_core.metrics import psnr, ssim
+from titok_core.data import list_image_files
+from titok_core.metrics import fid_from_stats, psnr, ssim
 from titok_core.runtime import autocast
-from titok_core.runs import dataset_fingerprint, file_identity
+from titok_core.runs import dataset_identity, file_identity
 from tokenizer import CheckpointError, load_tokenizer
 
 
@@ -28,19 +31,19 @@ def rfid_images(data: DictConfig, resolution: int):
     WebDataset shards. A folder is read recursively (class subfolders or not); the ADM centre
     crop (``center_crop_uint8``) prepares each image."""
     from titok_core.data import ImageRecordsDataset
-    from titok_core.formats import detect_format, open_split
+    from titok_core.formats import open_split, resolve_format
 
-    fmt = detect_format(data.root) if data.format == "auto" else data.format
+    fmt = resolve_format(data.format, data.root)
     transform = partial(center_crop_uint8, resolution=resolution)
     split = data.split
     if fmt == "folder":
         root = Path(data.root) / split if split else Path(data.root)
         paths = list_image_files(root)
         if not paths:
-            raise FileNotFoundError(f"no images under {root}")
+            raise MissingFileError(f"no images under {root}")
         records = [(str(p), 0, str(p)) for p in paths]
         return ImageRecordsDataset(records, classes=[], resolution=resolution, train=False, transform=transform)
-    source = open_split(data.root, split, data_format=fmt, resolution=resolution, transform=transform)
+    source = open_split(data.root, split, format=fmt, resolution=resolution, transform=transform)
     if fmt == "webdataset":
         source.transform = transform  # the streamed samples are decoded by _rfid_batches
     return source
@@ -90,7 +93,7 @@ def _rfid_batches(source, *, batch_size: int, limit: int | None, rank: int, worl
 def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
     """rFID (reconstructions vs the originals), PSNR and SSIM over a dataset in any format."""
     if not cfg.data.root:
-        raise FileNotFoundError("mode=rfid needs data.root=... (e.g. the ImageNet val folder)")
+        raise UsageError("mode=rfid needs data.root=... (e.g. the ImageNet val folder)")
     if not cfg.tokenizer.spec:
         raise CheckpointError("mode=rfid needs tokenizer.spec=... (and tokenizer.checkpoint=...)")
     device = fabric.device
@@ -104,10 +107,10 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
     mine_total = None if total is None else len(list(range(0, total, cfg.batch_size))[fabric.global_rank :: fabric.world_size])
     real = InceptionFeatures(cfg.inception_weights, device=device, keep_logits=False, extractor=None)
     fake = InceptionFeatures(cfg.inception_weights, device=device, keep_logits=False, extractor=real.extractor)
-    fp = fingerprint(tok=tok.source, root=str(cfg.data.root), split=cfg.data.split, n=total or cfg.num_samples,
-                      bs=cfg.batch_size, world=fabric.world_size, dtype=cfg.dtype, inception=cfg.inception_weights,
-                      files=[file_identity(tok.source), file_identity(cfg.inception_weights)],
-                      data=dataset_fingerprint(cfg.data.root, cfg.data.split) if cfg.data.root else None)
+    data = dataset_identity(cfg.data.root, cfg.data.split, cfg.data.format)  # as runs and token caches record it
+    fp = fingerprint(tok=tok.source, n=total or cfg.num_samples, bs=cfg.batch_size, world=fabric.world_size,
+                     dtype=cfg.dtype, inception=cfg.inception_weights,
+                     files=[file_identity(tok.source), file_identity(cfg.inception_weights)], data=data)
     state_dir = Path(cfg.state_dir) if cfg.state_dir else None
     progress = Progress(state_dir / f"rfid-{fp}-rank{fabric.global_rank}.pt" if state_dir else None, fp)
     progress.restore([real, fake])
@@ -126,13 +129,13 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
     totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
     n = float(totals[2])
     if n == 0:
-        raise FileNotFoundError(f"no readable images in {cfg.data.root}")
+        raise MissingFileError(f"no readable images in {cfg.data.root}")
     mu_r, sigma_r = real.fid_stats()
     mu_f, sigma_f = fake.fid_stats()
     return {
         "metric": "rFID", "fid": fid_from_stats(mu_f, sigma_f, mu_r, sigma_r), "psnr": float(totals[0]) / n,
         "ssim": float(totals[1]) / n, "num_images": int(n), "num_skipped": int(totals[3]), "tokenizer": tok.source,
-        "data_root": str(cfg.data.root),
+        "data": {k: data[k] for k in ("root", "split", "format")},
         "inception_weights": cfg.inception_weights or "torch-fidelity default", "dtype": cfg.dtype,
     }
 

@@ -8,12 +8,17 @@ positions; class labels dropped to the null label with probability 0.1 (for guid
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
-from generator.model import build_generator
 from generator.mask_schedule import arccos_mask_ratio
+from generator.model import build_generator
+from generator.sampler import sample_tokens
+from titok_core.images import save_png
 from titok_core.lr_schedule import warmup_cosine
 from titok_core.trainer import param_groups
 
@@ -60,9 +65,9 @@ class MaskGITModule(L.LightningModule):
         self, *, model_config: dict, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.03, warmup_steps: int = 10_000, max_steps: int = 500_000, end_lr: float = 1e-5,
         label_smoothing: float = 0.1, unmasked_weight: float = 0.1, class_dropout: float = 0.1,
-        ema: bool = True, ema_max_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
+        ema: bool = True, ema_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
     ):
-        """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_max_decay:
+        """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_decay:
         the EMA of the weights, which the entry point adds as ``titok_core.trainer.ema_callback``.
         fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
         torch.compile the network and the loss (the masking stays eager). Neither changes the recipe."""
@@ -141,3 +146,29 @@ class MaskGITModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
 
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` steps, sample two images of each of ``num_classes`` classes with the
+    current weights (``sampling``: the settings of :func:`generator.sampler.sample_tokens`), decode
+    them with ``tokenizer`` and write ``<out_dir>/samples_step<N>.png``."""
+
+    def __init__(self, *, tokenizer, sampling: dict, every_n_steps: int, num_classes: int, out_dir: Path):
+        self.tokenizer, self.sampling = tokenizer, sampling
+        self.every, self.num_classes, self.out_dir = every_n_steps, num_classes, out_dir
+
+    def write(self, pl_module: MaskGITModule, step: int) -> Path:
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        labels = torch.arange(self.num_classes, device=pl_module.device) % model.num_classes
+        rng = torch.Generator(device=pl_module.device).manual_seed(0)
+        tokens = sample_tokens(model, labels.repeat_interleave(2), rng=rng, **self.sampling)
+        self.tokenizer.to(pl_module.device)
+        images = self.tokenizer.decode(tokens)
+        model.train(was_training)
+        return save_png(images, self.out_dir / f"samples_step{step:07d}.png", nrow=8)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and trainer.is_global_zero:
+            self.write(pl_module, step)

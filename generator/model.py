@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from generator import official
+from titok_core.errors import UsageError
 
 
 class Attention(nn.Module):
@@ -30,7 +31,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -186,7 +187,7 @@ class UViT(MaskedTokenGenerator):
         super().__init__(hidden_size=hidden_size, codebook_size=codebook_size, num_tokens=num_tokens,
                          num_classes=num_classes)
         if depth % 2 != 1:
-            raise ValueError(f"UViT depth counts all blocks (in + mid + out) and must be odd, got {depth}")
+            raise UsageError(f"UViT depth counts all blocks (in + mid + out) and must be odd, got {depth}")
         kw = dict(dropout=dropout, attn_drop=attn_drop)
         self.in_blocks = nn.ModuleList(PreNormBlock(hidden_size, num_heads, mlp_dim, **kw) for _ in range(depth // 2))
         self.mid_block = PreNormBlock(hidden_size, num_heads, mlp_dim, **kw)

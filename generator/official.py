@@ -32,6 +32,7 @@ import re
 
 import torch
 
+from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError, key_mismatches
 
 BERT_LAYER_NORM_EPS = 1e-12
@@ -241,7 +242,7 @@ def guidance_scale_at(
         pow_ = torch.ones(1) * guidance_scale_pow  # float32, as official
         scale_step = (1 - torch.cos(((step / num_steps) ** pow_) * torch.pi)) * 1 / 2
         return float(((guidance_scale - 1) * scale_step + 1).item())
-    raise ValueError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(GUIDANCE_DECAYS)}")
+    raise UsageError(f"unknown guidance_decay {guidance_decay!r}; known: {', '.join(GUIDANCE_DECAYS)}")
 
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guidance_decay: str) -> torch.Tensor:
@@ -254,20 +255,20 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guida
     return cond + (cond - uncond) * scale
 
 
-def num_to_remask(step_ratio: float, seq_len: int, is_mask: torch.Tensor) -> torch.Tensor:
+def num_to_remask(step_ratio: float, num_tokens: int, is_mask: torch.Tensor) -> torch.Tensor:
     """How many of the least confident tokens to re-mask after a step, as official.
 
-    floor(seq_len * arccos(r) / (pi/2)), at most (masked - 1) of the batch's *first* row and at
+    floor(num_tokens * arccos(r) / (pi/2)), at most (masked - 1) of the batch's *first* row and at
     least 1. is_mask bool [B,N] (before the step) -> int64 0-dim tensor (no host sync).
     """
-    return clamp_remask(remask_target(step_ratio, seq_len), is_mask)
+    return clamp_remask(remask_target(step_ratio, num_tokens), is_mask)
 
 
-def remask_target(step_ratio: float, seq_len: int) -> int:
-    """floor(seq_len * arccos(r) / (pi/2)), in float64 as the official numpy: the count before clamping."""
+def remask_target(step_ratio: float, num_tokens: int) -> int:
+    """floor(num_tokens * arccos(r) / (pi/2)), in float64 as the official numpy: the count before clamping."""
     from generator.mask_schedule import arccos_mask_ratio
 
-    return math.floor(seq_len * arccos_mask_ratio(step_ratio))
+    return math.floor(num_tokens * arccos_mask_ratio(step_ratio))
 
 
 def clamp_remask(target: int | torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:

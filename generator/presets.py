@@ -7,6 +7,8 @@ turns softmax temperature annealing on and keeps guidance_scale_pow at 3.0).
 """
 from __future__ import annotations
 
+from titok_core.errors import UsageError
+
 
 def _maskgit(num_tokens: int) -> dict:
     return {
@@ -55,3 +57,24 @@ RELEASED_FILES = {
     "uvit_s128": "generator_titok_s128.bin",
 }
 IN_BIN_REPO = frozenset(RELEASED_FILES)
+
+
+def resolve_model(model: dict, *, codebook_size: int, num_tokens: int, num_classes: int) -> tuple[dict, dict]:
+    """The ``model`` group of generator.train (``model.preset=<name>`` plus ``model.<field>``
+    overrides) -> (our generator config, the preset's sampling settings), sized to the token cache.
+
+    Keys set to None keep the preset's value (or the constructor's default without a preset);
+    codebook_size, num_tokens and num_classes come from the data, and a value given for one must agree.
+    """
+    config = {k: v for k, v in model.items() if v is not None}
+    if "sampling" in config:
+        raise UsageError("model.sampling was renamed: write the settings under sampling (sampling.guidance_scale=...)")
+    preset, sampling = config.pop("preset", None), {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown generator preset {preset!r}; known: {', '.join(PRESETS)}")
+        config, sampling = {**PRESETS[preset]["model"], **config}, dict(PRESETS[preset]["sampling"])
+    for key, value in (("codebook_size", codebook_size), ("num_tokens", num_tokens), ("num_classes", num_classes)):
+        if config.setdefault(key, value) != value:
+            raise UsageError(f"generator {key}={config[key]} does not match the token cache ({value})")
+    return config, sampling

@@ -17,39 +17,14 @@ and moved to the device; everything per batch happens there.
 from __future__ import annotations
 
 import math
-import os
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from generator.cache import TokenDataset
-
-
-# Test-only: with this variable naming a directory, every rank appends the cache rows of each
-# training batch it draws to <dir>/rank<R>.txt, one line a batch (tests/test_multinode.py checks
-# that the ranks of a multi-node run draw disjoint shares). Unset, nothing is written.
-ROWS_LOG_ENV = "TITOK_TEST_ROWS_LOG"
-
-
-def _log_rows(rank: int, rows) -> None:
-    folder = os.environ.get(ROWS_LOG_ENV)
-    if folder:
-        with open(os.path.join(folder, f"rank{rank}.txt"), "a") as f:
-            f.write(" ".join(str(int(r)) for r in rows) + "\n")
-
-
-class _LoggedRows(Subset):
-    """A Subset whose batched reads go through :func:`_log_rows` (the DataLoader path, test-only)."""
-
-    def __init__(self, dataset, indices, *, rank: int):
-        super().__init__(dataset, indices)
-        self.rank = rank
-
-    def __getitems__(self, indices):
-        _log_rows(self.rank, [self.indices[i] for i in indices])
-        return super().__getitems__(indices)
+from generator.cache.dataset import TokenDataset
+from titok_core.errors import UsageError
 
 
 def epoch_indices(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -99,7 +74,7 @@ class DeviceTokenLoader:
     """
 
     def __init__(self, tokens, labels, positions: torch.Tensor, *, batch_size: int, device: torch.device,
-                 sampler: EpochOrder, drop_last: bool, log_rows: bool = False):
+                 sampler: EpochOrder, drop_last: bool):
         device = torch.device(device)
         positions = torch.as_tensor(positions, dtype=torch.int64)
         # Only this split's rows, once: a single host-to-device copy for the whole run.
@@ -107,7 +82,7 @@ class DeviceTokenLoader:
         self.tokens = torch.from_numpy(np.asarray(tokens)[rows].astype(np.int32)).to(device)
         self.labels = torch.from_numpy(np.asarray(labels)[rows].astype(np.int32)).to(device)
         self.batch_size, self.device, self.sampler, self.drop_last = batch_size, device, sampler, drop_last
-        self.positions, self.log_rows = positions, log_rows  # log_rows: the test-only _log_rows
+        self.positions = positions
         self.batch_sampler = None  # Lightning looks for a DataLoader's sampler and batch_sampler
 
     def __len__(self) -> int:
@@ -115,20 +90,17 @@ class DeviceTokenLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        host_order = self.sampler.indices()
-        order = host_order.to(self.device, non_blocking=True)
+        order = self.sampler.indices().to(self.device, non_blocking=True)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            if self.log_rows:
-                _log_rows(self.sampler.rank, self.positions[host_order[i * self.batch_size : (i + 1) * self.batch_size]])
             yield self.tokens.index_select(0, idx).long(), self.labels.index_select(0, idx).long()
 
 
-def fits_on_device(num_sequences: int, seq_len: int, device: torch.device, *, share: float = 0.25) -> bool:
+def fits_on_device(num_sequences: int, num_tokens: int, device: torch.device, *, share: float = 0.25) -> bool:
     """Whether the cache as int32 takes at most ``share`` of the device's memory (CUDA only)."""
     if device.type != "cuda":
         return False
-    return num_sequences * (seq_len + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
+    return num_sequences * (num_tokens + 1) * 4 <= share * torch.cuda.get_device_properties(device).total_memory
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -143,7 +115,7 @@ class TokenDataModule(L.LightningDataModule):
                  seed: int = 0, on_device: bool | str = "auto"):
         super().__init__()
         if on_device not in ("auto", True, False):
-            raise ValueError(f"data_on_device must be auto, true or false, got {on_device!r}")
+            raise UsageError(f"data_on_device must be auto, true or false, got {on_device!r}")
         self.data, self.batch_size, self.num_workers, self.seed = data, batch_size, num_workers, seed
         self.on_device = on_device
         n = len(data)
@@ -171,8 +143,7 @@ class TokenDataModule(L.LightningDataModule):
         t = self.trainer
         sampler = EpochOrder(len(positions), seed=self.seed, shuffle=shuffle, rank=t.global_rank, world_size=t.world_size)
         return DeviceTokenLoader(self.data.tokens, self.data.labels, positions, batch_size=self.batch_size,
-                                 device=t.strategy.root_device, sampler=sampler, drop_last=drop_last,
-                                 log_rows=shuffle and bool(os.environ.get(ROWS_LOG_ENV)))
+                                 device=t.strategy.root_device, sampler=sampler, drop_last=drop_last)
 
     def _loader_kw(self) -> dict:
         from titok_core.stopping import ignore_stop_signals  # the job stops at a safe point, not its workers
@@ -184,10 +155,8 @@ class TokenDataModule(L.LightningDataModule):
         if self.uses_device():
             return self._device_loader(self.train_positions, shuffle=True, drop_last=self.drop_last)
         # Under DDP Lightning swaps in a DistributedSampler seeded with the global seed.
-        rows = self.train_positions.tolist()
-        dataset = (_LoggedRows(self.data, rows, rank=self.trainer.global_rank) if os.environ.get(ROWS_LOG_ENV)
-                   else Subset(self.data, rows))
-        return DataLoader(dataset, shuffle=True, drop_last=self.drop_last, **self._loader_kw())
+        return DataLoader(Subset(self.data, self.train_positions.tolist()), shuffle=True, drop_last=self.drop_last,
+                          **self._loader_kw())
 
     def val_dataloader(self):
         if not self.has_val:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 
+from titok_core.errors import UsageError
+
 IMAGENET_NUM_CLASSES = 1000
 _WNID = re.compile(r"n\d{8}")  # ImageNet's class folders are WordNet ids, n01440764 ...
 _CHOICE = re.compile(r"(\d+)(:.*)?")  # "207" or "207: golden retriever"
@@ -61,12 +63,12 @@ def find_class(query: str | int | None, names: Sequence[str]) -> int:
     """
     text = "" if query is None else str(query).strip()
     if not text:
-        raise ValueError("no class picked: type part of a class name and pick one")
+        raise UsageError("no class picked: type part of a class name and pick one")
     found = _CHOICE.fullmatch(text)
     if found:
         label = int(found[1])
         if not 0 <= label < len(names):
-            raise ValueError(f"class {label} is out of range: this generator has classes 0..{len(names) - 1}")
+            raise UsageError(f"class {label} is out of range: this generator has classes 0..{len(names) - 1}")
         return label
     wanted = _norm(text)
     exact = [i for i, name in enumerate(names) if _norm(name) == wanted]
@@ -76,6 +78,6 @@ def find_class(query: str | int | None, names: Sequence[str]) -> int:
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        raise ValueError(f"no class name contains {text!r}")
+        raise UsageError(f"no class name contains {text!r}")
     shown = ", ".join(names[i] for i in hits[:4]) + (", ..." if len(hits) > 4 else "")
-    raise ValueError(f"{text!r} is part of {len(hits)} class names ({shown}): pick one")
+    raise UsageError(f"{text!r} is part of {len(hits)} class names ({shown}): pick one")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from titok_core.errors import UsageError
 from titok_core.images import to_uint8
 from generator.sampler import draw_uniforms, plan_steps, sampling_step
 
@@ -29,7 +30,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 
 def _compiled(fn: Callable, mode: str) -> Callable:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        raise UsageError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "none":
         return fn
     # fullgraph: a graph break (a host sync, a branch on a tensor value) is an error, not a slow path.
@@ -54,7 +55,7 @@ class StaticSampler:
     def __init__(self, generator: torch.nn.Module, *, sampling: dict, compile: str = "none"):
         self.generator = generator
         self.guidance_decay = sampling["guidance_decay"]
-        self.steps = plan_steps(seq_len=generator.num_tokens, **sampling)
+        self.steps = plan_steps(num_tokens=generator.num_tokens, **sampling)
         self.device = next(generator.parameters()).device
         self.compile = compile
         # Per-step constants as device tensors: one graph per step kind instead of one per step.

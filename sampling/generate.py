@@ -17,9 +17,11 @@ from tqdm import tqdm
 from sampling.pipeline import (
     RENAMED_MODEL_KEYS, load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples,
 )
+from generator.sampler import SAMPLING_RANGES
 from sampling.classes import class_names
-from titok_core.cli import hydra_entry
-from titok_core.runtime import exit_on_user_error, pick_device
+from titok_core.errors import PathTakenError, UsageError, exit_on_user_error
+from titok_core.cli import Ranges, hydra_entry
+from titok_core.runtime import pick_device
 
 
 def generate(
@@ -34,7 +36,7 @@ def generate(
     out_dir: must be new or empty (files whose names start with "." aside) unless ``overwrite``,
     which replaces the samples and grid an earlier run wrote there; checked before anything is done."""
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise UsageError(f"n must be positive, got {n}")
     _check_out_dir(Path(out_dir), overwrite=overwrite)
     dev = pick_device(device)
     pipe = load_pipeline(generator=generator, tokenizer=tokenizer, sampling=sampling).to(dev)
@@ -59,13 +61,13 @@ def generate(
 
 
 def _check_out_dir(out: Path, *, overwrite: bool) -> None:
-    """ValueError (one line) when ``out`` holds what an earlier run left and ``overwrite`` is not set."""
+    """PathTakenError (one line) when ``out`` holds what an earlier run left and ``overwrite`` is not set."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir={out} is a file, not a folder")
+        raise PathTakenError(f"out_dir={out} is a file, not a folder")
     earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if earlier and not overwrite:
-        raise ValueError(f"out_dir={out} already holds {len(earlier)} file(s) ({earlier[0]}, ...): pass a new "
-                         "out_dir=..., or overwrite=true to replace the samples written there before")
+        raise PathTakenError(f"out_dir={out} already holds {len(earlier)} file(s) ({earlier[0]}, ...): pass a new "
+                             "out_dir=..., or overwrite=true to replace the samples written there before")
 
 
 def describe_choice(classes, labels: torch.Tensor, names: list[str]) -> str | None:
@@ -100,6 +102,7 @@ def _main(cfg: DictConfig) -> None:
 
 main = hydra_entry(config="sampling/generate", description=__doc__, renamed=RENAMED_MODEL_KEYS,
                    scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"},
+                   ranges=SAMPLING_RANGES | Ranges(at_least_one=("n", "batch_size"), not_negative=("seed",)),
                    on_interrupt="interrupted: the PNGs written so far are complete")(_main)
 
 

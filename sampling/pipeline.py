@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from generator.sampler import SAMPLING_KEYS, sample_tokens, sampling_overrides
+from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS, sample_tokens, sampling_overrides
 from tokenizer import CheckpointError, load_tokenizer, require_discrete
+from titok_core.errors import UsageError
 from titok_core.checkpoints import read_model_extra
 from titok_core.images import save_png
 from titok_core.runtime import autocast
@@ -80,7 +81,7 @@ def load_pipeline(
     settings = dict(getattr(gen, "sampling", None) or {})
     settings.update(extra.get("sampling", {}))
     settings.update(sampling_overrides(sampling or {}))
-    missing = [k for k in SAMPLING_KEYS if k not in settings and k != "guidance_scale_pow"]
+    missing = [k for k in SAMPLING_KEYS if k not in settings and k not in SAMPLING_DEFAULTS]
     if missing:
         raise CheckpointError(f"no sampling settings for {', '.join(missing)}: pass them on the command line")
 
@@ -182,21 +183,21 @@ def parse_classes(
     from sampling.classes import find_class
 
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise UsageError(f"n must be positive, got {n}")
     if isinstance(value, str) and value == "random":
         return torch.randint(0, num_classes, (n,), generator=rng)
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if not items:
-        raise ValueError("class is an empty list: give an id, a name, a list of them or 'random'")
+        raise UsageError("class is an empty list: give an id, a name, a list of them or 'random'")
     ids = []
     for item in items:
         if isinstance(item, int) or (isinstance(item, str) and item.strip().lstrip("-").isdigit()):
             label = int(item)
             if not 0 <= label < num_classes:
-                raise ValueError(f"class {label} is out of range: this generator has classes 0..{num_classes - 1}")
+                raise UsageError(f"class {label} is out of range: this generator has classes 0..{num_classes - 1}")
             ids.append(label)
         elif names:
             ids.append(find_class(item, names))
         else:
-            raise ValueError(f"class must be an id, a name, a list of them or 'random', got {item!r}")
+            raise UsageError(f"class must be an id, a name, a list of them or 'random', got {item!r}")
     return torch.tensor(ids, dtype=torch.long).repeat((n + len(ids) - 1) // len(ids))[:n]

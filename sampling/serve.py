@@ -33,14 +33,15 @@ import torch
 from omegaconf import DictConfig
 
 from generator.official import GUIDANCE_DECAYS
-from generator.sampler import SAMPLING_KEYS
+from generator.sampler import SAMPLING_KEYS, SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
-from titok_core.cli import hydra_entry
+from titok_core.errors import MissingPackageError, UsageError, UserError, exit_on_user_error
+from titok_core.cli import Ranges, hydra_entry
 from sampling.classes import class_choice, class_names, find_class
 from sampling.pipeline import (
     Pipeline, load_pipeline, pipeline_kwargs, sample_images, save_samples,
 )
-from titok_core.runtime import exit_on_user_error, pick_device, resolve_dtype
+from titok_core.runtime import pick_device, resolve_dtype
 
 MAX_SEED = 2**31 - 1  # a range that every number box (JavaScript doubles) and tool keeps exact
 KEEP_RESULTS = 8  # request folders kept on disk (the page holds its own copies)
@@ -62,25 +63,25 @@ class Samples:
 
 def _whole(name: str, value, low: int, high: int) -> int:
     if value is None or value == "":
-        raise ValueError(f"{name} is empty")
+        raise UsageError(f"{name} is empty")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        raise UsageError(f"{name} must be a whole number, got {value!r}") from None
     if not number.is_integer() or not low <= number <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value}")
+        raise UsageError(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(number)
 
 
 def _real(name: str, value, low: float) -> float:
     if value is None or value == "":
-        raise ValueError(f"{name} is empty")
+        raise UsageError(f"{name} is empty")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number) or number < low:
-        raise ValueError(f"{name} must be a number >= {low:g}, got {value}")
+        raise UsageError(f"{name} must be a number >= {low:g}, got {value}")
     return number
 
 
@@ -137,14 +138,14 @@ class SamplingService:
         self, *, class_query, n, guidance_scale, guidance_decay, temperature, num_steps, seed,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Samples:
-        """Check the inputs (ValueError with a short message naming the bad one), then sample n
+        """Check the inputs (UsageError with a short message naming the bad one), then sample n
         images of the class; on_step(done, total) reports progress."""
         label = find_class(class_query, self.names)
         n = _whole("n", n, 1, self.max_n)
         settings = dict(self.pipe.sampling)
         settings["guidance_scale"] = _real("guidance scale", guidance_scale, 0)
         if guidance_decay not in GUIDANCE_DECAYS:
-            raise ValueError(f"guidance schedule must be one of {', '.join(GUIDANCE_DECAYS)}, got {guidance_decay!r}")
+            raise UsageError(f"guidance schedule must be one of {', '.join(GUIDANCE_DECAYS)}, got {guidance_decay!r}")
         settings["guidance_decay"] = guidance_decay
         settings["randomize_temperature"] = _real("temperature", temperature, 0)
         settings["num_steps"] = _whole("steps", num_steps, 1, self.max_steps)
@@ -204,7 +205,7 @@ def handle_request(service: SamplingService, class_query, n, guidance_scale, gui
             class_query=class_query, n=n, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
             temperature=temperature, num_steps=num_steps, seed=seed, on_step=on_step,
         )
-    except ValueError as exc:
+    except UserError as exc:
         # gradio renders the message as HTML: what the user typed must show as text
         raise gr.Error(html.escape(str(exc), quote=False), title="Cannot sample", print_exception=False) from None
     return str(result.grid), str(result.zip), result.summary, result.command
@@ -292,9 +293,9 @@ def page_style() -> dict:
 
 
 def _main(cfg: DictConfig) -> None:
-    with exit_on_user_error(OSError, ImportError), tempfile.TemporaryDirectory(prefix="titok-serve-") as out_dir:
+    with exit_on_user_error(), tempfile.TemporaryDirectory(prefix="titok-serve-") as out_dir:
         if importlib.util.find_spec("gradio") is None:  # say so before minutes of model loading
-            raise ImportError("the page needs gradio: pip install 'titok-gen[serve]'")
+            raise MissingPackageError("the page needs gradio: pip install 'titok-gen[serve]'")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks, one line each
         device = pick_device(cfg.device)
         resolve_dtype(device, cfg.dtype)  # a bad dtype fails now, not at the first request
@@ -311,7 +312,7 @@ def _main(cfg: DictConfig) -> None:
                 ssr_mode=False, mcp_server=False, **page_style(),
             )
         except OSError:  # gradio's own message names its launch() arguments
-            raise OSError(
+            raise UsageError(
                 f"cannot listen on {cfg.host}:{cfg.port} (port in use, or not an address of this machine): "
                 "pass another port=... or host=..."
             ) from None
@@ -326,7 +327,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 main = hydra_entry(config="sampling/serve", description=__doc__, renamed=RENAMED_MODEL_KEYS,
-                   scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"}, on_interrupt="stopped")(_main)
+                   scalar_groups={"generator": "generator.spec", "tokenizer": "tokenizer.spec"},
+                   ranges=SAMPLING_RANGES | Ranges(at_least_one=("n", "batch_size", "max_n", "max_steps"),
+                                                   not_negative=("seed",)),
+                   on_interrupt="stopped")(_main)
 
 
 if __name__ == "__main__":

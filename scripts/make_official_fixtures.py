@@ -2,14 +2,17 @@
 """Regenerate the golden fixtures in tests/fixtures by running the OFFICIAL TiTok / MaskGIT code.
 
     python scripts/make_official_fixtures.py --official PATH/TO/1d-tokenizer [--out tests/fixtures]
-                                             [--only official_tiny,official_vq8k_tiny,official_vae_tiny,shapes]
+                                             [--only official_tiny,official_training,official_vq8k_tiny,
+                                                     official_vae_tiny,shapes]
 
 PATH is a clone of github.com/bytedance/1d-tokenizer at the pinned commit
 942a96fbdd873780179d1b78d5462911528bf8c8 (checked with ``git rev-parse HEAD``; anything else is
 refused, and so are local changes under its ``modeling/``). Its code is imported from there at run
 time; nothing of it is copied into this repository. Needs, besides this project's dependencies,
-``transformers`` (the official ImageBert is a Hugging Face BertModel); ``accelerate`` is replaced by
-an identity ``gather`` when missing (only the training-time clustering VQ calls it).
+``transformers`` (the official ImageBert is a Hugging Face BertModel) for official_tiny, and
+``requests`` and ``tqdm`` (imported by the official ``lpips.py``) for official_training;
+``accelerate`` is replaced by an identity ``gather`` when missing (only the training-time clustering
+VQ calls it, and on one process the real one is the identity too).
 
 What it writes (the recipes of tests/fixtures/README.md and tests/fixtures/official_tiny/README.md):
 
@@ -18,22 +21,34 @@ What it writes (the recipes of tests/fixtures/README.md and tests/fixtures/offic
   ``config.yaml``, the weights (``tokenizer.bin`` / ``generator.bin``), ``manifest.json``,
   ``inputs.pt``, ``expected.pt`` and ``expected.json``; and ``meta.json`` (its README.md is
   hand-written and left alone);
+* ``official_tiny/`` (part official_training): the official training modules with tiny random
+  networks and fixed inputs: ``discriminator/`` (NLayerDiscriminator: logits and gradients of four
+  variants, their state-dict keys), ``perceptual/`` (LPIPS, ConvNeXt-S at 256 -> 224, the mix
+  ``lpips-convnext_s-1.0-0.1``: values and input gradients), ``losses/`` (ReconstructionLoss_Stage2
+  and ReconstructionLoss_Single_Stage, VQ and VAE: every loss term of both sides, the gradients of
+  the reconstructions, the posterior and the discriminator, the LeCAM EMAs over a few steps) and
+  ``clustering_vq/`` (the clustered codebook over a few steps); inputs and weights are rebuilt
+  from seeds (:func:`training_images`, :func:`training_extras`, :func:`reinit_scaled_`), so only
+  outputs are stored; the parts are recorded in ``official_tiny/meta.json``;
 * ``official_vq8k_tiny/`` and ``official_vae_tiny/``: ``config.yaml``, ``tokenizer.bin``,
   ``inputs.pt``, ``expected.pt``; and ``fixtures_meta.json``;
 * ``official_titok_shapes.json.gz``: the official config and state-dict shapes of the nine
   released tokenizers.
 
-The official code is run unmodified on disk; three changes are made in memory, as the fixtures need:
+The official code is run unmodified on disk; four changes are made in memory, as the fixtures need:
 E1 the packages ``modeling``, ``modeling.modules`` and ``modeling.quantizer`` are entered without
 running their ``__init__.py`` (which import the training losses and their dependencies); E2 three
 sizes are added to the ViT size tables of ``TiTokEncoder`` / ``TiTokDecoder`` (width, layers, heads):
 ``tiny`` = (64, 2, 4), ``micro`` = (24, 2, 2), ``mini`` = (32, 1, 4); E3 the MaskGIT-VQGAN pixel
 decoder of ``TiTok`` takes ``hidden_channels`` from ``model.vq_model.pixel_decoder_hidden_channels``
-(default 128, the official value). None of them changes a computation.
+(default 128, the official value); E4 (official_training) the perceptual networks are built with
+``weights=None`` (torchvision's VGG16 and ConvNeXt-S) and ``LPIPS.load_pretrained`` does nothing, so
+nothing is downloaded (their weights are re-randomised anyway). None of them changes a computation.
 
 Random weights: the official initialisation under ``torch.manual_seed(seed)``, then re-randomised
 (:func:`reinit_scaled_`) so that the tiny random networks are not degenerate. Run on CPU, float32,
-``eval()``, ``torch.no_grad()``, with 2 threads (results move by ~3e-5 with other thread counts).
+``eval()``, ``torch.no_grad()`` (official_training: the training code paths, with gradients), with 2
+threads (results move by ~3e-5 with other thread counts).
 Before a file is overwritten, its tensors are compared with the new ones and the result printed.
 """
 from __future__ import annotations
@@ -54,7 +69,7 @@ from pathlib import Path
 
 PINNED_COMMIT = "942a96fbdd873780179d1b78d5462911528bf8c8"
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("official_tiny", "official_vq8k_tiny", "official_vae_tiny", "shapes")
+PARTS = ("official_tiny", "official_training", "official_vq8k_tiny", "official_vae_tiny", "shapes")
 PHOTO = "assets/ILSVRC2012_val_00008636.png"
 RELEASED = ("titok_l32", "titok_b64", "titok_s128", "titok_bl64_vq8k", "titok_bl128_vq8k", "titok_sl256_vq8k",
             "titok_ll32_vae_c16", "titok_bl64_vae_c16", "titok_bl128_vae_c16")
@@ -87,6 +102,34 @@ TINY_GENERATE = [
 # from torch.Generator().manual_seed(seed).
 SINGLE_STAGE_SEEDS = {"official_vq8k_tiny": 2035, "official_vae_tiny": 2029}
 VAE_LOGVAR_GAIN = 15.0
+# official_training (tests/fixtures/official_tiny/README.md): the official training modules at tiny
+# sizes, under official_tiny/{discriminator,perceptual,losses,clustering_vq}.
+TRAINING_SEEDS = {"discriminator": 3100, "lpips": 3200, "convnext": 3300, "inputs": 3400, "clustering_vq": 3500}
+DISCRIMINATOR_CASES = {  # NLayerDiscriminator keyword arguments; "default" is the official one (128, 3 stages)
+    "default": {},
+    "blur3": {"hidden_channels": 32, "num_stages": 2, "blur_kernel_size": 3},
+    "blur5": {"hidden_channels": 32, "num_stages": 2, "blur_kernel_size": 5},
+    "avgpool": {"hidden_channels": 32, "num_stages": 2, "blur_resample": False},
+}
+DISCRIMINATOR_SIZE = 33  # odd, so that every stage pads unevenly
+TRAINING_GRAD_HEAD = 16  # gradients are recorded as norms plus their first 16 elements
+PERCEPTUAL_MIX = "lpips-convnext_s-1.0-0.1"
+PERCEPTUAL_LARGE = 256  # ConvNeXt-S resizes it down to 224 (antialiased)
+PERCEPTUAL_GRAD_STRIDE = 97
+LOSS_GENERATOR_STEPS = (1, 2)  # discriminator_start is 2: the adversarial term off, then on
+LOSS_DISCRIMINATOR_STEPS = (2, 3, 4, 5)
+_LOSS_COMMON = {"discriminator_start": 2, "discriminator_factor": 1.0, "reconstruction_loss": "l2",
+                "reconstruction_weight": 1.0, "lecam_regularization_weight": 0.001}
+LOSS_CASES = {  # the official losses: groups (stage 2 and single-stage VQ as their configs; the VAE varied)
+    "stage2": {**_LOSS_COMMON, "quantize_mode": "vq", "quantizer_weight": 0.0, "discriminator_weight": 0.01,
+               "perceptual_loss": "convnext_s", "perceptual_weight": 0.1},
+    "single_vq": {**_LOSS_COMMON, "quantize_mode": "vq", "quantizer_weight": 1.0, "discriminator_weight": 0.1,
+                  "perceptual_loss": PERCEPTUAL_MIX, "perceptual_weight": 1.1},
+    "single_vae": {**_LOSS_COMMON, "quantize_mode": "vae", "quantizer_weight": 1.0, "discriminator_weight": 0.1,
+                   "discriminator_factor": 0.5, "reconstruction_loss": "l1", "perceptual_loss": "lpips",
+                   "perceptual_weight": 1.1, "kl_weight": 1e-3, "logvar_init": 0.5},
+}
+CLUSTERING_CODES, CLUSTERING_DIM, CLUSTERING_STEPS = 32, 6, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +226,7 @@ class Official:
         self.DiagonalGaussianDistribution = DiagonalGaussianDistribution
         self._pixel_decoder = titok.Pixel_Decoder
         self._maskgit = None
+        self._training = None
 
     @staticmethod
     @contextmanager
@@ -213,6 +257,39 @@ class Official:
 
             self._maskgit = maskgit
         return self._maskgit
+
+    @property
+    def training(self) -> types.SimpleNamespace:
+        """E4: the training modules (``modeling.modules.losses``, its discriminator and perceptual
+        losses, the quantiser), imported so that nothing is downloaded: the perceptual networks
+        are built with ``weights=None`` (torchvision's VGG16 and ConvNeXt-S) and
+        ``LPIPS.load_pretrained`` does nothing; their weights are re-randomised afterwards."""
+        if self._training is None:
+            import torchvision
+
+            import modeling.modules.losses as losses  # noqa: E402  (from the checkout; imports the diffusion loss too)
+            import modeling.modules.lpips as lpips_module
+            import modeling.modules.perceptual_loss as perceptual_module
+            from modeling.modules.discriminator import NLayerDiscriminator
+            from modeling.quantizer.quantizer import VectorQuantizer
+
+            class RandomModels(types.SimpleNamespace):
+                """torchvision.models, except that the two pretrained networks are built untrained."""
+
+                def __getattr__(self, name):
+                    return getattr(torchvision.models, name)
+
+            no_download = RandomModels(vgg16=lambda weights=None, **kw: torchvision.models.vgg16(weights=None, **kw),
+                                       convnext_small=lambda weights=None, **kw: torchvision.models.convnext_small(
+                                           weights=None, **kw))
+            lpips_module.models = no_download
+            perceptual_module.models = no_download
+            lpips_module.LPIPS.load_pretrained = lambda self: None
+            self._training = types.SimpleNamespace(
+                losses=losses, LPIPS=lpips_module.LPIPS, PerceptualLoss=perceptual_module.PerceptualLoss,
+                NLayerDiscriminator=NLayerDiscriminator, VectorQuantizer=VectorQuantizer,
+                DiagonalGaussianDistribution=self.DiagonalGaussianDistribution)
+        return self._training
 
     @contextmanager
     def _pixel_decoder_channels(self, channels: int):
@@ -440,8 +517,8 @@ def _versions(threads: int) -> dict:
 
     versions = {"python": platform.python_version(), "platform": platform.platform(), "torch_num_threads": threads,
                 "torch": torch.__version__}
-    for dist in ("transformers", "numpy", "einops", "omegaconf", "huggingface_hub", "accelerate", "safetensors",
-                 "pillow", "scikit-learn"):
+    for dist in ("transformers", "torchvision", "numpy", "einops", "omegaconf", "huggingface_hub", "accelerate",
+                 "safetensors", "pillow", "scikit-learn"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -659,6 +736,9 @@ def _write_part(writer: Writer, rel: str, config, model, weights_name: str, cls:
 
 def make_official_tiny(off: Official, official: Path, writer: Writer, argv: list[str], threads: int) -> None:
     started = time.time()
+    meta_path = writer.root / "official_tiny" / "meta.json"
+    old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    old_parts = old_meta.get("parts", {})  # the official_training parts stay
     parts = {}
     print("official_tiny/tokenizer", flush=True)
     parts["tokenizer"] = tiny_tokenizer(off, official, writer, "official_tiny/tokenizer", TINY_BASE_SEED)
@@ -682,7 +762,8 @@ def make_official_tiny(off: Official, official: Path, writer: Writer, argv: list
         "dtype": "float32",
         "mode": "eval(), torch.no_grad()",
         "versions": _versions(threads),
-        "parts": {f"official_tiny/{k}": v for k, v in parts.items()},
+        "parts": {**{k: v for k, v in old_parts.items() if v.get("script_part") == "official_training"},
+                  **{f"official_tiny/{k}": v for k, v in parts.items()}},
         "total_s": round(time.time() - started, 2),
         "case": "official_tiny",
         "case_settings": {"seed": TINY_BASE_SEED, "num_latent_tokens": 8, "is_legacy": None, "finetune_decoder": True,
@@ -690,6 +771,8 @@ def make_official_tiny(off: Official, official: Path, writer: Writer, argv: list
         "base_seed": TINY_BASE_SEED,
         "generate_settings": TINY_GENERATE,
     }
+    if "official_training" in old_meta:
+        meta["official_training"] = old_meta["official_training"]
     writer.json("official_tiny/meta.json", meta)
 
 
@@ -761,6 +844,315 @@ def make_single_stage(off: Official, official: Path, writer: Writer, case: str) 
 
 
 # ---------------------------------------------------------------------------------------------
+# official_tiny training parts: discriminator, perceptual, losses, clustering_vq
+
+
+def training_images(seed: int, step: int, *, size: int = 32, batch: int = 2):
+    """(inputs, reconstructions), each float32 [batch, 3, size, size] in [0, 1], for one training step.
+
+    inputs: 8x8 uniform noise upsampled bilinearly (smooth random images); reconstructions:
+    inputs + 0.1 * N(0, 1) noise, clamped. Drawn from torch.Generator().manual_seed(seed * 1000 + step).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    x = F.interpolate(torch.rand(batch, 3, 8, 8, generator=g), size=size, mode="bilinear", align_corners=False)
+    r = (x + 0.1 * torch.randn(batch, 3, size, size, generator=g)).clamp(0.0, 1.0)
+    return x.contiguous(), r.contiguous()
+
+
+def training_extras(seed: int, step: int, *, vae: bool, batch: int = 2, channels: int = 4, tokens: int = 8):
+    """What the tokenizer hands the loss besides the images, drawn from
+    torch.Generator().manual_seed(seed * 1000 + 500 + step).
+
+    VQ: the quantiser's losses, float32 scalars (quantizer_loss = commitment_loss + codebook_loss).
+    VAE: the posterior parameters float32 [batch, 2 * channels, 1, tokens] (the official layout:
+    mean channels first; log-variances N(0, 2^2)).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + 500 + step)
+    if vae:
+        mean = torch.randn(batch, channels, 1, tokens, generator=g)
+        logvar = 2.0 * torch.randn(batch, channels, 1, tokens, generator=g)
+        return {"posterior": torch.cat([mean, logvar], dim=1)}
+    commitment, codebook = torch.rand(2, generator=g).unbind()
+    return {"quantizer_loss": commitment + codebook, "commitment_loss": commitment, "codebook_loss": codebook}
+
+
+def state_dict_keys(module) -> dict:
+    """{key: shape} of a module's state dict, in order."""
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _grad_record(named_parameters, head: int = TRAINING_GRAD_HEAD) -> dict:
+    """The gradients of named parameters, compactly: their names, norms [P] and the first ``head``
+    elements of each (flattened), concatenated."""
+    import torch
+
+    names, norms, heads = [], [], []
+    for name, p in named_parameters:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        names.append(name)
+        norms.append(g.double().norm().float())
+        heads.append(g.reshape(-1)[:head])
+    return {"names": names, "norms": torch.stack(norms), "heads": torch.cat(heads)}
+
+
+def _reinit(module, seed: int) -> dict:
+    import torch
+
+    return reinit_scaled_(module, generator=torch.Generator().manual_seed(seed))
+
+
+def training_discriminator(t, writer: Writer, rel: str) -> dict:
+    import torch
+
+    e, what, keys = {}, {}, {}
+    for i, (case, kwargs) in enumerate(DISCRIMINATOR_CASES.items()):
+        torch.manual_seed(TRAINING_SEEDS["discriminator"])
+        net = t.NLayerDiscriminator(**kwargs)
+        _reinit(net, TRAINING_SEEDS["discriminator"] + i)
+        keys[case] = state_dict_keys(net)
+        x = training_images(TRAINING_SEEDS["inputs"], 0, size=DISCRIMINATOR_SIZE)[0].requires_grad_(True)
+        logits = net(x)
+        (logits.square().mean()).backward()
+        grads = _grad_record(net.named_parameters())
+        e[f"{case}_logits"] = logits.detach()
+        e[f"{case}_input_grad"] = x.grad.detach()
+        e[f"{case}_param_grad_norms"], e[f"{case}_param_grad_heads"] = grads["norms"], grads["heads"]
+        what[f"{case}_logits"] = f"NLayerDiscriminator(**{kwargs})(x) [B,1,16,16]"
+        what[f"{case}_input_grad"] = "d mean(logits^2) / d x"
+        what[f"{case}_param_grad_norms"] = "norms of d mean(logits^2) / d parameter, in named_parameters order"
+        what[f"{case}_param_grad_heads"] = (f"first {TRAINING_GRAD_HEAD} elements of each flattened parameter "
+                                            "gradient, concatenated")
+    e = {k: v.contiguous() for k, v in e.items()}
+    writer.tensors(f"{rel}/expected.pt", e)
+    writer.json(f"{rel}/expected.json", {
+        "inputs": f"x = training_images({TRAINING_SEEDS['inputs']}, 0, size={DISCRIMINATOR_SIZE})[0] (not stored)",
+        "weights": f"case i: torch.manual_seed({TRAINING_SEEDS['discriminator']}), NLayerDiscriminator(**kwargs), "
+                   f"reinit_scaled_ with torch.Generator().manual_seed({TRAINING_SEEDS['discriminator']} + i)",
+        "cases": DISCRIMINATOR_CASES, "state_dict": keys,
+        "expected": _described(e, {k: {"what": v} for k, v in what.items()})})
+    return {"cases": list(DISCRIMINATOR_CASES)}
+
+
+def _perceptual_nets(t):
+    """The official LPIPS and ConvNeXt-S (random, re-randomised with their TRAINING_SEEDS) as state dicts."""
+    import torch
+    from torchvision import models
+
+    torch.manual_seed(TRAINING_SEEDS["lpips"])
+    lpips = t.LPIPS().eval()
+    _reinit(lpips, TRAINING_SEEDS["lpips"])
+    torch.manual_seed(TRAINING_SEEDS["convnext"])
+    convnext = models.convnext_small(weights=None).eval()
+    _reinit(convnext, TRAINING_SEEDS["convnext"])
+    return lpips.state_dict(), convnext.state_dict()
+
+
+def _official_perceptual(t, name: str, nets):
+    perceptual = t.PerceptualLoss(name).eval()
+    if perceptual.lpips is not None:
+        perceptual.lpips.load_state_dict(nets[0])
+    if perceptual.convnext is not None:
+        perceptual.convnext.load_state_dict(nets[1])
+    return perceptual
+
+
+def training_perceptual(t, writer: Writer, rel: str, nets) -> dict:
+    import torch
+
+    e, what = {}, {}
+    small = training_images(TRAINING_SEEDS["inputs"], 1)
+    large = training_images(TRAINING_SEEDS["inputs"], 1, size=PERCEPTUAL_LARGE)
+    lpips = _official_perceptual(t, "lpips", nets)
+    for case, name, (x, r) in (("lpips", "lpips", small), ("convnext", "convnext_s", large),
+                               ("mix", PERCEPTUAL_MIX, small)):
+        net = lpips if case == "lpips" else _official_perceptual(t, name, nets)
+        r = r.clone().requires_grad_(True)
+        value = net(x, r)
+        value.sum().backward()
+        e[f"{case}_loss"] = value.detach()
+        what[f"{case}_loss"] = f"PerceptualLoss({name!r})(inputs, reconstructions)" if case != "lpips" else \
+            "LPIPS()(inputs, reconstructions) [B,1,1,1]"
+        grad = r.grad.detach()
+        if grad.numel() > 10_000:
+            e[f"{case}_grad_norm"] = grad.double().norm().float()
+            e[f"{case}_grad_strided"] = grad.reshape(-1)[::PERCEPTUAL_GRAD_STRIDE].contiguous()
+            what[f"{case}_grad_norm"] = "norm of d sum(loss) / d reconstructions"
+            what[f"{case}_grad_strided"] = ("d sum(loss) / d reconstructions, flattened, every "
+                                            f"{PERCEPTUAL_GRAD_STRIDE}th element")
+        else:
+            e[f"{case}_grad"] = grad
+            what[f"{case}_grad"] = "d sum(loss) / d reconstructions"
+    writer.tensors(f"{rel}/expected.pt", e)
+    writer.json(f"{rel}/expected.json", {
+        "inputs": f"lpips, mix: training_images({TRAINING_SEEDS['inputs']}, 1) (32x32); convnext: "
+                  f"training_images({TRAINING_SEEDS['inputs']}, 1, size={PERCEPTUAL_LARGE}) (resized to 224 inside); "
+                  "not stored",
+        "weights": f"torch.manual_seed(s), the network built untrained (E4), reinit_scaled_ with torch.Generator()."
+                   f"manual_seed(s): LPIPS s = {TRAINING_SEEDS['lpips']}, torchvision convnext_small s = "
+                   f"{TRAINING_SEEDS['convnext']}",
+        "lpips_state_dict": state_dict_keys(lpips.lpips),
+        "expected": _described(e, {k: {"what": v} for k, v in what.items()})})
+    return {"cases": ["lpips", "convnext_s", PERCEPTUAL_MIX]}
+
+
+def loss_config(case: str):
+    from omegaconf import OmegaConf
+
+    losses = dict(LOSS_CASES[case])
+    mode = losses.pop("quantize_mode")
+    return OmegaConf.create({"losses": losses, "model": {"vq_model": {"quantize_mode": mode}}})
+
+
+def training_losses(t, writer: Writer, rel: str, nets) -> dict:
+    import torch
+
+    torch.manual_seed(TRAINING_SEEDS["discriminator"])
+    discriminator = t.NLayerDiscriminator()
+    _reinit(discriminator, TRAINING_SEEDS["discriminator"])  # = discriminator/ case "default"
+    records = {}
+    for case in LOSS_CASES:
+        print(f"  losses/{case}", flush=True)
+        config = loss_config(case)
+        vae = config.model.vq_model.quantize_mode == "vae"
+        cls = t.losses.ReconstructionLoss_Stage2 if case == "stage2" else t.losses.ReconstructionLoss_Single_Stage
+        loss = cls(config)
+        loss.discriminator.load_state_dict(discriminator.state_dict())
+        loss.perceptual_loss = _official_perceptual(t, config.losses.perceptual_loss, nets)
+        e = {}
+        for step in LOSS_GENERATOR_STEPS:
+            x, r = training_images(TRAINING_SEEDS["inputs"], step)
+            r.requires_grad_(True)
+            extra = training_extras(TRAINING_SEEDS["inputs"], step, vae=vae)
+            if vae:
+                posterior = extra["posterior"].requires_grad_(True)
+                extra = t.DiagonalGaussianDistribution(posterior)
+            total, terms = loss(x, r, extra, step, mode="generator")
+            total.backward()
+            for key, value in terms.items():
+                e[f"gen{step}_{key}"] = torch.as_tensor(value, dtype=torch.float32).detach().reshape(())
+            e[f"gen{step}_grad_reconstructions"] = r.grad.detach()
+            if vae:
+                e[f"gen{step}_grad_posterior"] = posterior.grad.detach()
+        for step in (*LOSS_DISCRIMINATOR_STEPS, 0):
+            x, r = training_images(TRAINING_SEEDS["inputs"], step)
+            d_loss, terms = loss(x, r, None, step, mode="discriminator")
+            d_loss.backward()
+            for key, value in terms.items():
+                e[f"dis{step}_{key}"] = value.detach().float().reshape(())
+            grads = _grad_record(loss.discriminator.named_parameters())
+            e[f"dis{step}_grad_norms"], e[f"dis{step}_grad_heads"] = grads["norms"], grads["heads"]
+            if loss.lecam_regularization_weight > 0:
+                e[f"dis{step}_ema_real_logits_mean"] = loss.ema_real_logits_mean.detach().clone()
+                e[f"dis{step}_ema_fake_logits_mean"] = loss.ema_fake_logits_mean.detach().clone()
+            loss.discriminator.zero_grad(set_to_none=True)
+        writer.tensors(f"{rel}/{case}.pt", {k: v.contiguous() for k, v in e.items()})
+        keys = {k: v for k, v in state_dict_keys(loss).items() if not k.startswith("perceptual_loss.convnext.")}
+        records[case] = {"config": _plain(config), "state_dict_without_convnext": keys,
+                         "expected": sorted(e)}
+    writer.json(f"{rel}/expected.json", {
+        "sequence": f"generator side at global steps {list(LOSS_GENERATOR_STEPS)} (loss(x, r, extra, step, "
+                    f"mode='generator'), backward), then discriminator side at steps {list(LOSS_DISCRIMINATOR_STEPS)} "
+                    "and finally at step 0 (before discriminator_start: the LeCAM term alone), each followed by a "
+                    "backward; the discriminator's weights never change (no optimiser), its LeCAM EMAs do",
+        "inputs": f"x, r = training_images({TRAINING_SEEDS['inputs']}, step) (r requires grad on the generator side); "
+                  f"extra = training_extras({TRAINING_SEEDS['inputs']}, step, vae=...) (VAE: "
+                  "DiagonalGaussianDistribution(posterior)); not stored",
+        "weights": f"the discriminator of discriminator/ case default; the perceptual networks of perceptual/",
+        "keys": "gen{step}_{loss_dict key} (float32 scalars; discriminator_factor and d_weight as float32), "
+                "gen{step}_grad_reconstructions [B,3,32,32], gen{step}_grad_posterior (VAE, official layout "
+                "[B,2C,1,N]); dis{step}_{loss_dict key}, dis{step}_grad_norms / _grad_heads (the discriminator's "
+                f"parameter gradients: norms and the first {TRAINING_GRAD_HEAD} elements of each), "
+                "dis{step}_ema_{real,fake}_logits_mean (after the step)",
+        "cases": records})
+    return {"cases": list(LOSS_CASES)}
+
+
+def _plain(config) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(config, resolve=True)
+
+
+def training_clustering_vq(t, writer: Writer, rel: str) -> dict:
+    import torch
+
+    inputs, e = {}, {}
+    for i, (case, use_l2_norm) in enumerate((("plain", False), ("l2", True))):
+        seed = TRAINING_SEEDS["clustering_vq"] + i
+        torch.manual_seed(seed)
+        q = t.VectorQuantizer(codebook_size=CLUSTERING_CODES, token_size=CLUSTERING_DIM, commitment_cost=0.25,
+                              use_l2_norm=use_l2_norm, clustering_vq=True).train()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            q.embedding.weight.copy_(0.5 * torch.randn(CLUSTERING_CODES, CLUSTERING_DIM, generator=g))
+        inputs[f"{case}_codebook"] = q.embedding.weight.detach().clone()
+        for step in range(CLUSTERING_STEPS):
+            z = (0.7 * torch.randn(2, CLUSTERING_DIM, 1, 8, generator=g)).requires_grad_(True)
+            inputs[f"{case}_z{step}"] = z.detach().clone()
+            z_q, result = q(z)
+            result["quantizer_loss"].backward()
+            p = f"{case}_step{step}"
+            e[f"{p}_z_quantized"] = z_q.detach()
+            e[f"{p}_tokens"] = result["min_encoding_indices"].reshape(2, -1)
+            for key in ("quantizer_loss", "commitment_loss", "codebook_loss"):
+                e[f"{p}_{key}"] = result[key].detach()
+            e[f"{p}_grad_z"] = z.grad.detach()
+            e[f"{p}_grad_codebook"] = q.embedding.weight.grad.detach().clone()
+            e[f"{p}_codebook"] = q.embedding.weight.detach().clone()
+            e[f"{p}_embed_prob"] = q.embed_prob.detach().clone()
+            q.embedding.weight.grad = None
+    writer.tensors(f"{rel}/inputs.pt", {k: v.contiguous() for k, v in inputs.items()})
+    writer.tensors(f"{rel}/expected.pt", {k: v.contiguous() for k, v in e.items()})
+    writer.json(f"{rel}/expected.json", {
+        "model": f"VectorQuantizer(codebook_size={CLUSTERING_CODES}, token_size={CLUSTERING_DIM}, commitment_cost=0.25, "
+                 "use_l2_norm=<case>, clustering_vq=True).train(); case plain: use_l2_norm False, l2: True",
+        "inputs": "{case}_codebook: the codebook before step 0 (0.5 N(0,1)); {case}_z{step}: the latents of each step, "
+                  "official layout [B,T,1,N]",
+        "sequence": "per step: z_q, result = q(z) (the clustering update runs inside this forward), "
+                    "result['quantizer_loss'].backward(), record, clear the codebook's gradient",
+        "expected": "{case}_step{step}_{z_quantized, tokens [B,N], quantizer_loss, commitment_loss, codebook_loss, "
+                    "grad_z (d quantizer_loss / d z), grad_codebook, codebook (after the update), embed_prob}"})
+    return {"cases": ["plain", "l2"], "steps": CLUSTERING_STEPS}
+
+
+def make_official_training(off: Official, writer: Writer, argv: list[str], threads: int) -> None:
+    import torch
+
+    started = time.time()
+    t = off.training
+    torch.set_grad_enabled(True)
+    parts = {}
+    print("official_tiny/discriminator", flush=True)
+    parts["discriminator"] = training_discriminator(t, writer, "official_tiny/discriminator")
+    print("official_tiny/clustering_vq", flush=True)
+    parts["clustering_vq"] = training_clustering_vq(t, writer, "official_tiny/clustering_vq")
+    print("official_tiny/perceptual", flush=True)
+    nets = _perceptual_nets(t)
+    parts["perceptual"] = training_perceptual(t, writer, "official_tiny/perceptual", nets)
+    print("official_tiny/losses", flush=True)
+    parts["losses"] = training_losses(t, writer, "official_tiny/losses", nets)
+    meta_path = writer.root / "official_tiny" / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.setdefault("parts", {})
+    for name, record in parts.items():
+        meta["parts"][f"official_tiny/{name}"] = {**record, "script_part": "official_training"}
+    # The checkout's place on the generating machine is not part of the record.
+    argv = [("OFFICIAL" if i and argv[i - 1] == "--official" else a) for i, a in enumerate(argv)]
+    meta["official_training"] = {
+        "argv": argv, "official_commit": PINNED_COMMIT,
+        "official_edits": "in memory (see the script's docstring): E1 packages entered without their __init__, "
+                          "E4 the perceptual networks built untrained (no download)",
+        "mode": "the training code paths, float32 on CPU, gradients by backward()",
+        "seeds": TRAINING_SEEDS, "versions": _versions(threads), "total_s": round(time.time() - started, 2)}
+    writer.json("official_tiny/meta.json", meta)
+
+
+# ---------------------------------------------------------------------------------------------
 # official_titok_shapes.json.gz
 
 
@@ -823,6 +1215,10 @@ def main(argv: list[str] | None = None) -> int:
     if "official_tiny" in args.only and importlib.util.find_spec("transformers") is None:
         raise SystemExit("official_tiny needs transformers (the official ImageBert is a BertModel): "
                          "pip install transformers, or pass --only without official_tiny")
+    missing = [name for name in ("requests", "tqdm") if importlib.util.find_spec(name) is None]
+    if "official_training" in args.only and missing:
+        raise SystemExit(f"official_training needs {' and '.join(missing)} (imported by the official lpips.py): "
+                         f"pip install {' '.join(missing)}, or pass --only without official_training")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -830,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(Path(args.out).resolve())
     if "official_tiny" in args.only:
         make_official_tiny(off, official, writer, sys.argv[1:] if argv is None else list(argv), args.threads)
+    if "official_training" in args.only:
+        make_official_training(off, writer, sys.argv[1:] if argv is None else list(argv), args.threads)
     single = [case for case in SINGLE_STAGE_SEEDS if case in args.only]
     if single:
         meta_path = writer.root / "fixtures_meta.json"

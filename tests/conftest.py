@@ -82,6 +82,19 @@ def inception_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def reference_npz(tmp_path_factory) -> Path:
+    """Reference statistics in the format eval writes (mu [2048], sigma [2048,2048]), random but valid."""
+    import numpy as np
+
+    from eval.reference import save_reference_stats
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(64, 2048))
+    path = tmp_path_factory.mktemp("reference") / "ref.npz"
+    return save_reference_stats(path, features.mean(0), np.cov(features, rowvar=False), {"source": "test"})
+
+
 @pytest.fixture(autouse=True)
 def _cpu_threads():
     # The fixtures were made with 2 threads; results move by ~3e-5 with other counts.

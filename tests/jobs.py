@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def job_env(extra: dict | None = None) -> dict:

@@ -16,9 +16,11 @@ from scipy import linalg
 from scipy.spatial.distance import cdist
 
 from eval import adm
-from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats
+from eval.fidelity import InceptionFeatures
+from eval.reference import load_reference_stats
 from eval.samples import class_balanced_labels, interleaved_order
 from eval.state import RowLog
+from titok_core.metrics import fid_from_stats
 
 # ---------------------------------------------------------------- the formulas
 
@@ -208,11 +210,11 @@ def test_save_npz_survives_a_kill_and_the_table_is_of_its_samples(
         run(cfg)
     assert not (tmp_path / "b.npz").exists()
     monkeypatch.setattr(Progress, "save", save)
-    monkeypatch.setattr("eval.fidelity._npz_image_features", lambda *a, **k: pytest.fail("reference not cached"))
+    monkeypatch.setattr("eval.reference._npz_image_features", lambda *a, **k: pytest.fail("reference not cached"))
     resumed = run(cfg)
     assert resumed["batches_this_run"] == 3  # batches 2 to 4: the uncommitted 2nd is made again
     assert (tmp_path / "b.npz").read_bytes() == (tmp_path / "a.npz").read_bytes()
-    table = ("inception_score", "fid", "precision", "recall", "is_mean")
+    table = ("inception_score", "fid", "precision", "recall", "precision_fp32", "recall_fp32", "is_mean")
     assert [resumed[k] for k in table] == [whole[k] for k in table]
 
     # The file holds what was measured: 20 samples, one of each class in turn, and the table's
@@ -230,7 +232,9 @@ def test_save_npz_survives_a_kill_and_the_table_is_of_its_samples(
         ref_features = torch.from_numpy(ref["features"])
     assert ref_features.shape == (16, 2048)
     assert 0 < whole["recall"] < 1
-    assert (whole["precision"], whole["recall"]) == adm.precision_recall(features, ref_features)
+    # The table's precision/recall are the evaluator's (float16 distances); the float32 ones are beside them.
+    assert (whole["precision"], whole["recall"]) == adm.precision_recall(features, ref_features, float16=True)
+    assert (whole["precision_fp32"], whole["recall_fp32"]) == adm.precision_recall(features, ref_features)
     # FID against the reference file's own mu/sigma, as the evaluator does.
     mu, sigma = acc.fid_stats()
     assert whole["reference_stats"] == "file"
@@ -240,6 +244,7 @@ def test_save_npz_survives_a_kill_and_the_table_is_of_its_samples(
     assert "torch-fidelity inception-v3-compat" in lines[1] and str(inception_weights) in lines[1]
     assert [line.split(":")[0] for line in lines[2:7]] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     assert lines[4] == f"sFID: {adm.SFID_NOT_AVAILABLE}"
+    assert lines[5:7] == [f"Precision: {whole['precision']:.4f}", f"Recall: {whole['recall']:.4f}"]
 
 
 def test_save_npz_needs_state_dir(compose, official_tiny, adm_reference, inception_weights, tmp_path):

@@ -23,9 +23,8 @@ from titok_core.checkpoints import CheckpointError, save_model_file
 from titok_core.data import ImageFolderDataset, count_skipped
 from titok_core.formats import ShardError, WebDatasetTrainStream, open_split
 from tokenizer import load_tokenizer
+from conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
 VQ8K = FIXTURES / "official_vq8k_tiny"  # a 32 px tokenizer
 CLASSES = ["a_red", "b_green", "c_blue"]
 BAD = {"cut.jpg": "the file is truncated or damaged", "cut.png": "the file is truncated or damaged",

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from conftest import FIXTURES
 from generator import build_generator, load_generator
 from generator.assets import shipped_path as shipped_generator
 from generator.cache import tokenizer_fingerprint
@@ -16,7 +18,6 @@ from tokenizer import TiTok, TiTokConfig, build_tokenizer, load_tokenizer, offic
 from tokenizer.assets import shipped_path
 from tokenizer.config import config_from_file
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
     "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,
@@ -123,7 +124,7 @@ def test_an_old_key_passed_to_build_tokenizer_names_the_new_one():
 
 
 def test_an_old_key_in_tokenizer_train_model_names_the_new_one():
-    from tokenizer.train import resolve_model
+    from tokenizer.presets import resolve_model
 
     with pytest.raises(CheckpointError) as exc:
         resolve_model({"preset": "titok_small", "num_latent_tokens": 16})
@@ -261,4 +262,5 @@ def test_a_released_generator_without_weights_is_refused():
                                               "pass generator.checkpoint=generator_titok_l32.bin"):
         load_generator("maskgit_l32")
     assert load_tokenizer("titok_demo").source.startswith("shipped:")  # shipped models carry their weights
-    assert load_generator("maskgit_demo") is not None
+    demo, shipped = load_generator("maskgit_demo").state_dict(), load_file(shipped_generator("maskgit_demo"))
+    assert demo.keys() == shipped.keys() and all(torch.equal(demo[k], shipped[k]) for k in demo)

@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from titok_core import demo_shapes
-from titok_core.data import ImageFolderDataset, collate_skip_bad, list_images, load_image_rgb, preprocess, to_rgb
+from titok_core.data import (
+    ImageFolderDataset, collate_skip_bad, list_image_files, list_images, load_image_rgb, preprocess, to_rgb,
+)
 from titok_core.demo_shapes import CLASS_NAMES, image_rng, make_demo_dataset, render_demo_image, render_demo_sample
 
 
@@ -299,3 +301,29 @@ def test_list_images_expands_files_folders_and_globs(tmp_path):
     assert list_images(str(tmp_path / "a" / "*.png")) == [tmp_path / "a" / "2.png"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nothing_here")
+
+
+def test_every_reader_of_a_folder_skips_hidden_files_and_folders(tmp_path):
+    """One rule (list_image_files) for the training data, tokenizer.reconstruct's inputs and rFID:
+    image extensions in any case, nothing whose name starts with "." (macOS's ._x.png resource
+    forks do not decode; .ipynb_checkpoints holds copies)."""
+    from omegaconf import OmegaConf
+
+    from eval.rfid_mode import rfid_images
+
+    cls = tmp_path / "train" / "cls"
+    (cls / ".ipynb_checkpoints").mkdir(parents=True)
+    (cls / "deep").mkdir()
+    for rel in ["a.png", "b.TIF", "deep/c.jpeg", ".hidden.png", ".ipynb_checkpoints/a-checkpoint.png"]:
+        asymmetric().save(cls / rel, format="PNG")
+    (cls / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (cls / "notes.txt").write_text("not an image")
+
+    want = [cls / "a.png", cls / "b.TIF", cls / "deep" / "c.jpeg"]
+    assert list_image_files(cls) == want
+    assert list_image_files(tmp_path / "train") == want
+    assert list_images(cls) == want
+    data = ImageFolderDataset(tmp_path / "train", resolution=16, train=False)
+    assert [path for path, _ in data.samples] == [str(p) for p in want] and len(data) == 3
+    rfid = rfid_images(OmegaConf.create({"root": str(tmp_path), "split": "train", "format": "folder"}), 16)
+    assert len(rfid) == 3 and rfid[0][0].shape == (3, 16, 16) and rfid[0][0].dtype == torch.uint8

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CONF, FIXTURES
 from generator.cache import build_stream_shards, build_token_cache, cache_manifest, merge_shards
 from tokenizer import load_tokenizer
 from titok_core.formats import detect_format, has_split, open_split
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CLASSES = ["n01_cat", "n02_dog", "n03_eel"]
 
 
@@ -113,11 +113,11 @@ def test_detection_and_splits(stores):
         open_split(stores["hf_parquet"], "val", resolution=32)
     with pytest.raises(FileNotFoundError, match="not found"):
         open_split(stores["wds"].replace("0002", "0009"), None, resolution=32)
-    with pytest.raises(ValueError, match="data_format must be"):
-        open_split(stores["folder"], "train", data_format="lmdb", resolution=32)
-    # data_format overrides the detection: a folder read as parquet has no parquet files.
+    with pytest.raises(ValueError, match="data.format must be"):
+        open_split(stores["folder"], "train", format="lmdb", resolution=32)
+    # data.format overrides the detection: a folder read as parquet has no parquet files.
     with pytest.raises(FileNotFoundError, match="no parquet files"):
-        open_split(stores["folder"], "train", data_format="hf", resolution=32)
+        open_split(stores["folder"], "train", format="hf", resolution=32)
 
 
 def test_same_images_give_the_same_tensors(stores):
@@ -206,13 +206,13 @@ def test_vae_tokenizer_is_refused_by_the_cache(stores, tmp_path):
 # ---------------------------------------------------------------- rFID and reconstruction, every tokenizer kind
 
 
-def _rfid_cfg(tokenizer: str, data_root: str, inception_weights, tmp_path, **extra):
+def _rfid_cfg(tokenizer: str, root: str, inception_weights, tmp_path, **extra):
     from hydra import compose, initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf" / "eval")
+    conf = str(CONF / "eval")
     # Quoted, as on a command line: braces are Hydra syntax.
     overrides = [f"{k}={v}" for k, v in {
-        "mode": "rfid", "tokenizer.spec": tokenizer, "data.root": f"'{data_root}'", "num_samples": 9, "batch_size": 4,
+        "mode": "rfid", "tokenizer.spec": tokenizer, "data.root": f"'{root}'", "num_samples": 9, "batch_size": 4,
         "inception_weights": inception_weights, "state_dir": tmp_path / "state", "out": "null",
         "trainer.accelerator": "cpu", "dtype": "fp32", **extra,
     }.items()]
@@ -262,12 +262,13 @@ def test_reconstruct_every_kind(case, stores, tmp_path):
 def test_tokenizer_training_reads_formats(store, stores, tmp_path):
     from test_tokenizer_train import _cfg
 
-    from tokenizer.train import build_datasets, train
+    from tokenizer.train import train
+    from tokenizer.train_data import build_datasets
 
     cfg = _cfg(tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=3", "batch_size=2")
     cfg.data.root = stores[store]
     cfg.model = {**cfg.model, "image_size": 32, "patch_size": 8}
-    train_set, val_set = build_datasets(cfg, 32)
+    train_set, val_set = build_datasets(cfg.data, image_size=32, seed=cfg.seed)
     # No val split: held out of the training images (map-style: a tenth, at most val_images; streams: val_images).
     assert len(val_set) == (1 if store == "hf_parquet" else 4)
     if store == "wds_folder":

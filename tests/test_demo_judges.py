@@ -1,9 +1,10 @@
 """The honest demo judges: the colour-blind classifier and precision/recall."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from eval import demo_classifier as demo
+from titok_core import judges as demo
 from eval.gfid import precision_recall
 
 
@@ -74,3 +75,32 @@ def test_precision_recall_tell_coverage_from_realism():
     # Far away samples: neither.
     p, r = precision_recall(same + 10, real)
     assert p == 0.0 and r == 0.0
+
+
+def test_without_a_val_split_the_judges_hold_out_part_of_train(tmp_path):
+    """The held-out rule: val when it has images; else a fixed tenth of every train class, which the
+    classifier never trains on (and whose cache key says so)."""
+    images, labels = _shape_images(60)
+    for i in range(60):
+        folder = tmp_path / "train" / f"class_{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i:03d}.png")
+    split = demo.judge_files(tmp_path)
+    assert split["heldout_from"] == "train" and "excluded from the judges' training" in demo.heldout_description(split)
+    assert [y for _, y in split["heldout"]] == [0, 0, 0, 1, 1, 1]  # 10% of each class
+    assert not {f for f, _ in split["heldout"]} & {f for f, _ in split["train"]} and len(split["train"]) == 54
+    assert demo.judge_files(tmp_path) == split  # the same files on every call
+    held, held_labels = demo.load_judge_part(split, "heldout", resolution=32)
+    assert held.shape == (6, 3, 32, 32) and held.dtype == torch.uint8
+    key_without_val = demo.cache_key(tmp_path, seed=0)
+    for i in (0, 1):  # a val split appears: it judges now, all of train trains, and the cache key changes
+        (tmp_path / "val" / f"class_{i}").mkdir(parents=True)
+        Image.fromarray(images[i]).save(tmp_path / "val" / f"class_{i}" / "v.png")
+    split = demo.judge_files(tmp_path)
+    assert split["heldout_from"] == "val" and len(split["heldout"]) == 2 and len(split["train"]) == 60
+    assert demo.cache_key(tmp_path, seed=0) != key_without_val
+    (tmp_path / "val").rename(tmp_path / "v")
+    (tmp_path / "train" / "class_2").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "train" / "class_2" / "only.png")
+    with pytest.raises(ValueError, match="class_2 has 1 image.*no val/"):
+        demo.judge_files(tmp_path)

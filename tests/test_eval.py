@@ -20,25 +20,20 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 from torch import nn
 
-import eval.demo_classifier as demo
-from eval.fidelity import (
-    INCEPTION_FILENAME,
-    INCEPTION_URL,
-    InceptionFeatures,
-    InceptionWeightsError,
+import titok_core.judges as demo
+from eval.fidelity import INCEPTION_FILENAME, INCEPTION_URL, InceptionFeatures, InceptionWeightsError, build_inception
+from eval.reference import (
     ReferenceStatsError,
-    build_inception,
     center_crop_uint8,
-    fid_from_stats,
-    list_image_files,
     load_reference_stats,
     read_reference_meta,
     reference_stats_from_folder,
     save_reference_stats,
     stats_from_npz_images,
 )
+from titok_core.data import list_image_files
 from titok_core.images import to_uint8
-from titok_core.metrics import psnr, ssim
+from titok_core.metrics import fid_from_stats, psnr, ssim
 from titok_core.checkpoints import CheckpointError
 
 
@@ -219,7 +214,7 @@ def test_reference_stats_from_folder_cached(inception_weights, tmp_path, monkeyp
     def no_inception(*args, **kwargs):
         raise AssertionError("cache not reused")
 
-    monkeypatch.setattr("eval.fidelity.InceptionFeatures", no_inception)
+    monkeypatch.setattr("eval.reference.InceptionFeatures", no_inception)
     cached_mu, _ = reference_stats_from_folder(tmp_path / "val", cache, resolution=32, weights_path=inception_weights)
     np.testing.assert_array_equal(cached_mu, mu)
     with pytest.raises(AssertionError, match="cache not reused"):  # another resolution must recompute

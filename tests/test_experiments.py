@@ -4,7 +4,7 @@ Each YAML under conf/tokenizer/experiment and conf/generator/experiment (found b
 folders, so a new one is covered as soon as it exists) is composed as ``python -m
 tokenizer.train experiment=X`` / ``python -m generator.train experiment=X`` would compose it,
 with dummies for its mandatory (``???``) values; its model is then sized by the training code's
-own ``resolve_model`` and built on torch's meta device (full size, no weights allocated):
+own ``resolve_model`` (tokenizer.presets, generator.presets) and built on torch's meta device (full size, no weights allocated):
 
 * tokenizer experiments give the TiTok they ask for (``titok_small`` at the data's size, the
   ``titok_l32`` preset, or the architecture of the file a fine-tuning run starts from);
@@ -31,11 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors import safe_open
 
-import generator.train as generator_train
-import tokenizer.train as tokenizer_train
 from generator import build_generator, official as generator_official
 from generator.assets import shipped_path as shipped_generator
-from generator.presets import PRESETS as GENERATOR_PRESETS
+from generator.presets import PRESETS as GENERATOR_PRESETS, resolve_model as resolve_generator
 from generator.sampler import sampling_overrides
 from sampling.classes import IMAGENET_NUM_CLASSES
 from titok_core.builtin import NATIVE_SIZE
@@ -44,11 +42,11 @@ from titok_core.demo_shapes import CLASS_NAMES as DEMO_CLASSES
 from titok_core.runs import builtin_for, default_run_dir
 from tokenizer import build_tokenizer, load_tokenizer, official as tokenizer_official
 from tokenizer.assets import shipped_path as shipped_tokenizer
-from tokenizer.presets import PRESETS as TOKENIZER_PRESETS, titok_small
+from tokenizer.presets import PRESETS as TOKENIZER_PRESETS, resolve_model as resolve_tokenizer, titok_small
+from tokenizer.train_data import first_image_side
+from conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER_EXPERIMENTS = sorted(p.stem for p in (CONF / "tokenizer" / "experiment").glob("*.yaml"))
 GENERATOR_EXPERIMENTS = sorted(p.stem for p in (CONF / "generator" / "experiment").glob("*.yaml"))
 STAGES = sorted((e for e in TOKENIZER_EXPERIMENTS if re.fullmatch(r"titok_demo_stage\d+", e)),
@@ -193,8 +191,8 @@ def tokenizer_config_of(cfg: DictConfig, composed, outputs):
         if builtin_of(cfg):
             side = NATIVE_SIZE[builtin_of(cfg)]
         else:
-            side = tokenizer_train.first_image_side(Path(cfg.data.root) / cfg.data.train_split)
-    return tokenizer_train.resolve_model(model, image_side=side)
+            side = first_image_side(Path(cfg.data.root) / cfg.data.split)
+    return resolve_tokenizer(model, image_side=side)
 
 
 def num_classes(cfg: DictConfig, name: str) -> int:
@@ -210,8 +208,8 @@ def generator_of(cfg: DictConfig, name: str, composed, outputs):
     """(tokenizer, generator, sampling settings) as generator.train sizes them, both on meta."""
     tok = on_meta(build_tokenizer, tokenizer_config(str(cfg.tokenizer.spec), composed, outputs))
     assert tok.codebook_size, f"{name}: a MaskGIT generator needs a tokenizer with discrete tokens"
-    model = OmegaConf.to_container(cfg.model, resolve=True) if isinstance(cfg.model, DictConfig) else cfg.model
-    config, sampling = generator_train.resolve_model(
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    config, sampling = resolve_generator(
         model, codebook_size=tok.codebook_size, num_tokens=tok.num_tokens, num_classes=num_classes(cfg, name))
     sampling.update(sampling_overrides(cfg.sampling))
     return tok, on_meta(build_generator, config), sampling
@@ -292,8 +290,8 @@ def test_generator_experiment_builds_its_model(name, composed, outputs):
     assert gen.num_classes == num_classes(cfg, name)
     assert {"num_steps", "guidance_scale", "randomize_temperature"} <= set(sampling), name
 
-    if isinstance(cfg.model, str):  # a released recipe: its preset, sized to its tokenizer
-        preset = GENERATOR_PRESETS[cfg.model]
+    if cfg.model.preset:  # a released recipe: its preset, sized to its tokenizer
+        preset = GENERATOR_PRESETS[cfg.model.preset]
         assert cfg.tokenizer.spec == preset["tokenizer"]
         assert gen.config == preset["model"]
         shapes = generator_official.official_key_shapes(gen.config)

@@ -40,7 +40,7 @@ def test_static_sampler_equals_sample_tokens(arch, decay, annealing):
 def test_plan_has_few_step_kinds():
     """One compiled graph per step kind: the released settings need at most three."""
     for steps, decay, temperature in [(8, "linear", 9.5), (8, "linear", 11.0), (64, "power-cosine", 2.8)]:
-        plan = plan_steps(num_steps=steps, seq_len=32, guidance_scale=4.5, guidance_decay=decay,
+        plan = plan_steps(num_steps=steps, num_tokens=32, guidance_scale=4.5, guidance_decay=decay,
                           randomize_temperature=temperature, softmax_temperature_annealing=True)
         kinds = {s.kind for s in plan}
         assert len(plan) == steps and len(kinds) <= 3
@@ -111,8 +111,9 @@ def test_benchmark_json_on_the_tiny_pipeline(official_tiny, capsys):
 
     fx = official_tiny
     result = benchmark.main([
-        "--preset", str(fx / "generator_imagebert" / "config.yaml"), "--checkpoint", str(fx / "generator_imagebert" / "generator.bin"),
-        "--tokenizer", str(fx / "tokenizer" / "config.yaml"), "--device", "cpu", "--dtype", "fp32", "--batch-size", "3",
+        "--generator-spec", str(fx / "generator_imagebert" / "config.yaml"),
+        "--generator-checkpoint", str(fx / "generator_imagebert" / "generator.bin"),
+        "--tokenizer-spec", str(fx / "tokenizer" / "config.yaml"), "--device", "cpu", "--dtype", "fp32", "--batch-size", "3",
         "--batches", "2", "--warmup", "1", "--sampler-compile", "none", "--decoder-compile", "none",
     ])
     assert json.loads(capsys.readouterr().out) == result

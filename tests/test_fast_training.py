@@ -16,14 +16,14 @@ TINY = dict(arch="imagebert", hidden_size=32, depth=2, num_heads=2, mlp_dim=64, 
             num_classes=10, dropout=0.0, attn_drop=0.0)
 
 
-def _cache(path, n=53, seq_len=8):
+def _cache(path, n=53, num_tokens=8):
     """A finished token cache directory with random tokens (what generator.cache writes)."""
     rng = np.random.default_rng(0)
     path.mkdir(parents=True, exist_ok=True)
-    np.save(path / "tokens.npy", rng.integers(0, 64, (n, seq_len), dtype=np.uint16))
+    np.save(path / "tokens.npy", rng.integers(0, 64, (n, num_tokens), dtype=np.uint16))
     np.save(path / "labels.npy", rng.integers(0, 10, n, dtype=np.int32))
     manifest = {"format": FORMAT, "tokenizer": {"source": "test", "fingerprint": "0" * 16}, "resolution": 64,
-                "num_tokens": seq_len, "codebook_size": 64, "classes": [], "num_sequences": n}
+                "num_tokens": num_tokens, "codebook_size": 64, "classes": [], "num_sequences": n}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return TokenDataset(path)
 

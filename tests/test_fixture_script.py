@@ -17,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from conftest import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_official_fixtures.py"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PINNED = "942a96fbdd873780179d1b78d5462911528bf8c8"
 
 
@@ -38,7 +37,8 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def test_it_imports_without_the_official_code(script):
     assert script.PINNED_COMMIT == PINNED
-    assert set(script.PARTS) == {"official_tiny", "official_vq8k_tiny", "official_vae_tiny", "shapes"}
+    assert set(script.PARTS) == {"official_tiny", "official_training", "official_vq8k_tiny", "official_vae_tiny",
+                                 "shapes"}
     assert "modeling" not in sys.modules  # nothing official is imported until it runs
     args = script.parse_args(["--official", "somewhere", "--only", "shapes,official_vae_tiny"])
     assert args.only == ["shapes", "official_vae_tiny"] and Path(args.out) == FIXTURES
@@ -164,3 +164,20 @@ def test_recorded_qk_rows_are_what_the_script_scales(script):
         done = script.reinit_scaled_(SimpleNamespace(named_parameters=lambda: iter(params.items())), **kwargs)
         recorded = meta["parts"][f"official_tiny/{part}"]["init"]
         assert script._init_record(done, kwargs.get("keep", [])) == recorded, part
+
+
+def test_training_parts_are_recorded_with_the_script_recipes(script):
+    """The training fixtures were made with the seeds, loss groups and discriminator variants the
+    script holds now (the parity tests rebuild their inputs and weights from these)."""
+    meta = json.loads((FIXTURES / "official_tiny" / "meta.json").read_text())
+    assert meta["official_training"]["seeds"] == script.TRAINING_SEEDS
+    assert meta["official_training"]["official_commit"] == PINNED
+    for part in ("discriminator", "perceptual", "losses", "clustering_vq"):
+        assert meta["parts"][f"official_tiny/{part}"]["script_part"] == "official_training", part
+    losses = json.loads((FIXTURES / "official_tiny" / "losses" / "expected.json").read_text())["cases"]
+    for case, group in script.LOSS_CASES.items():
+        assert script._plain(script.loss_config(case)) == losses[case]["config"], case
+    discriminator = json.loads((FIXTURES / "official_tiny" / "discriminator" / "expected.json").read_text())
+    assert discriminator["cases"] == script.DISCRIMINATOR_CASES
+    a, b = script.training_images(7, 1), script.training_images(7, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and 0 <= float(a[1].min()) and float(a[1].max()) <= 1

@@ -120,7 +120,9 @@ def test_old_transformers_buffers_are_ignored(official_tiny, tmp_path):
     state = torch.load(d / "generator.bin", weights_only=True)
     state["model.embeddings.position_ids"] = torch.arange(9).unsqueeze(0)
     torch.save(state, tmp_path / "old.bin")
-    load_generator(d / "config.yaml", checkpoint=tmp_path / "old.bin")
+    old = load_generator(d / "config.yaml", checkpoint=tmp_path / "old.bin").state_dict()
+    new = load_generator(d / "config.yaml", checkpoint=d / "generator.bin").state_dict()
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in new)
 
 
 def test_strict_loading_names_the_problem(official_tiny, tmp_path):

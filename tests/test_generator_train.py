@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from generator import load_generator
 from generator.train import train
 from titok_core.checkpoints import read_model_extra
@@ -22,6 +22,7 @@ def _overrides(fx, tmp_path, steps):
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=16",
         f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.val_check_interval=4",
         "checkpoint_every_n_steps=2", "sample_every_n_steps=4", "sampling.num_steps=4",
+        "fit_sampling.enabled=false",
     ]
 
 
@@ -52,7 +53,7 @@ def test_ddp_two_cpu_processes(official_tiny, tmp_path, on_device):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = subprocess.run(
-        [sys.executable, "-m", "generator.train", *args], cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-m", "generator.train", *args], cwd=REPO,
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,13 +6,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from eval.fidelity import InceptionFeatures, fid_from_stats, load_reference_stats, save_reference_stats
+from conftest import CONF
+from eval.fidelity import InceptionFeatures
 from eval.gfid import run
+from eval.reference import load_reference_stats, save_reference_stats
 from eval.samples import class_balanced_labels, pipeline_from_config
 from sampling import sample_tokens
 from titok_core.images import to_uint8
+from titok_core.metrics import fid_from_stats
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
+EVAL_CONF = CONF / "eval"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def _cfg(official_tiny, reference, inception_weights, **overrides):
         "inception_weights": inception_weights, "num_samples": 20, "batch_size": 10, "state_dir": "null",
         "out": "null", "seed": 3, **overrides,
     }
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(EVAL_CONF), version_base="1.3"):
         return compose("gfid", overrides=[f"{k}={v}" for k, v in args.items()])
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ again, and get the figures (and files) of a run that was never stopped.
 
 Inception mode keeps its state in ``state_dir`` (eval.state: the Progress file, saved atomically
 every batch here, and the per-batch RowLog files of features and samples); demo mode's resumable
-state is its two demo classifiers, cached atomically (eval.demo_classifier). Every job runs as the
+state is its two demo classifiers, cached atomically (titok_core.judges). Every job runs as the
 user runs it, ``python -m eval.gfid ...`` in a fresh process (its own process group, one CPU
 thread), with relative paths, so the killed run and the uninterrupted one are the very same command
 in two temp folders. The uninterrupted run of each mode starts once per module, in the background,
@@ -34,8 +34,8 @@ import pytest
 import torch
 
 from jobs import Job
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "official_tiny"
 SEED = 7351  # every kill point below derives from it
 FEATURE_BYTES = 2048 * 4  # one row of the features RowLog: float32 [2048]
@@ -320,7 +320,7 @@ def demo_args(demo_root) -> list[str]:
 
 
 def _demo_env(cwd: Path) -> dict:
-    return {"XDG_CACHE_HOME": str(cwd / "cache")}  # the classifier cache: eval.demo_classifier.default_cache_dir
+    return {"XDG_CACHE_HOME": str(cwd / "cache")}  # the classifier cache: titok_core.judges.default_cache_dir
 
 
 def _classifier_dir(cwd: Path) -> Path:

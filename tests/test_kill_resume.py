@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 from jobs import Job, job_env
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "official_tiny" / "tokenizer"
 SEED = 20240611  # the kill points of every test derive from it
 
@@ -333,7 +333,7 @@ def _generator_args(tmp_path: Path, run: Path, steps: int) -> list[str]:
         "batch_size=16", "num_workers=0", f"trainer.max_steps={steps}", "trainer.max_time=null",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.val_check_interval=1000",
         "checkpoint_every_n_steps=2", "sample_every_n_steps=0",
-        "sampling.num_steps=4",
+        "sampling.num_steps=4", "fit_sampling.enabled=false",
     ]
 
 
@@ -377,7 +377,7 @@ def test_a_failed_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
     from titok_core.trainer import AtomicCheckpointIO
 
     io_ = AtomicCheckpointIO()
-    path = tmp_path / "checkpoints" / "last.ckpt"
+    path = tmp_path / "io" / "last.ckpt"
     old, new = {"global_step": 1, "w": torch.arange(1000.0)}, {"global_step": 2, "w": torch.arange(1000.0) * 2}
     io_.save_checkpoint(old, path)
     assert torch.load(path, weights_only=True)["global_step"] == 1
@@ -416,6 +416,9 @@ def test_both_trainers_write_checkpoints_atomically(tmp_path):
     tr = build_trainer(trainer={"max_steps": 1, "accelerator": "cpu", "devices": 1}, run_dir=tmp_path, batch_size=1,
                        callbacks=[], logger=None, name="t")
     assert isinstance(tr.strategy.checkpoint_io, AtomicCheckpointIO)
+    tr.strategy.checkpoint_io.save_checkpoint({"global_step": 7}, tmp_path / "io" / "last.ckpt")
+    assert torch.load(tmp_path / "io" / "last.ckpt", weights_only=True) == {"global_step": 7}
+    assert sorted(p.name for p in (tmp_path / "io").iterdir()) == ["last.ckpt"]  # no temp file left
 
 
 _WRITER = """

@@ -12,8 +12,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["titok_core", "tokenizer", "generator", "sampling", "eval", "titok_bench"]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from generator.token_data import ROWS_LOG_ENV
 from generator.train import _main, train
+from row_log import record_rows
 from titok_core.trainer import accumulation_for, build_trainer
 
 
@@ -23,6 +23,7 @@ def _args(fx: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=4",
         "val_fraction=0", "sample_every_n_steps=0", "checkpoint_every_n_steps=1000", "trainer.max_time=null",
         "trainer.max_steps=3", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.log_every_n_steps=1",
+        "fit_sampling.enabled=false",
         *extra,
     ]
 
@@ -71,7 +72,7 @@ def test_global_batch_sets_accumulation_from_devices_and_nodes(tmp_path, caplog)
 def test_a_run_with_a_global_batch_accumulates_and_says_so_once(demo, tmp_path, caplog, monkeypatch):
     rows = tmp_path / "rows"
     rows.mkdir()
-    monkeypatch.setenv(ROWS_LOG_ENV, str(rows))
+    record_rows(rows, monkeypatch.setattr)
     cfg = demo(tmp_path / "run", "trainer.global_batch=16", "trainer.max_steps=2", "logger=null")
     with caplog.at_level(logging.INFO):
         result = train(cfg)

@@ -6,14 +6,15 @@ environment; Lightning starts trainer.devices processes on each node itself), or
 ``torchrun -m`` (Lightning's TorchElasticEnvironment). The checks:
 
 * training (generator.train, trainer.num_nodes=2 trainer.devices=1, a prebuilt token cache): the
-  ranks draw disjoint shares of the cache (the test-only row log of :mod:`generator.token_data`),
+  ranks draw disjoint shares of the cache (recorded from the test side: tests/row_log.py),
   only rank 0 writes into the shared run directory, the global batch is stated once, and the
   weights (EMA, raw, AdamW moments) equal, bit for bit, those of one node with two devices;
 * the token cache (generator.cache, Lightning Fabric): each node writes its own shards and the
   merged cache equals a one-process build byte for byte.
 
-Which files a process wrote is seen with an audit hook installed from the test (``WATCH``), not
-with anything in the code under test.
+Which files a process wrote is seen with an audit hook installed from the test (``WATCH``), and
+which rows it drew with a wrapper installed from the test (``row_log``), not with anything in the
+code under test.
 
 Every process runs with OMP_NUM_THREADS=1: Lightning otherwise gives each process
 cpu_count // (processes on this node) threads, so one node with two processes and two nodes of
@@ -33,9 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.token_data import ROWS_LOG_ENV
+from row_log import ROWS_LOG_ENV, SITECUSTOMIZE as ROWS
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 4, 16
 # What a scheduler or launcher may have left in this environment; each launch here sets its own.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
@@ -124,13 +125,17 @@ if os.environ.get("TITOK_TEST_WATCH"):
 """
 
 
+def _site(tmp: Path) -> dict:
+    """The environment that installs the watch and the row log (each only where its variable is set)."""
+    (tmp / "site").mkdir(exist_ok=True)
+    (tmp / "site" / "sitecustomize.py").write_text(WATCH + ROWS)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp / "site"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def _watched(tmp: Path) -> tuple[dict, Path]:
     """(environment that installs the watch, the folder it writes to)."""
-    (tmp / "watch").mkdir()
-    (tmp / "watch" / "sitecustomize.py").write_text(WATCH)
     (tmp / "moved").mkdir()
-    path = os.pathsep.join([str(tmp / "watch"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return {"TITOK_TEST_WATCH": str(tmp / "moved"), "PYTHONPATH": path}, tmp / "moved"
+    return {"TITOK_TEST_WATCH": str(tmp / "moved"), **_site(tmp)}, tmp / "moved"
 
 
 def _moved(folder: Path, node: int, prefix: str = "") -> list[str]:
@@ -150,6 +155,7 @@ def _train_args(fx: Path, tmp: Path, run: str) -> list[str]:
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", f"batch_size={BATCH}",
         "val_fraction=0", "sample_every_n_steps=0", "checkpoint_every_n_steps=1000", "logger=null",
         f"trainer.max_steps={STEPS}", "trainer.max_time=null", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+        "fit_sampling.enabled=false",
     ]
 
 
@@ -219,7 +225,7 @@ def test_two_nodes_train_like_one_node_with_two_devices(compose, official_tiny, 
                     torchrun=launcher == "torchrun")
     devices = _launch("generator.train", [*_train_args(official_tiny, tmp_path, "devices"), *extra,
                                           "trainer.num_nodes=1", "trainer.devices=2"],
-                      logs=tmp_path / "logs-devices", env={ROWS_LOG_ENV: str(rows_devices)})
+                      logs=tmp_path / "logs-devices", env={ROWS_LOG_ENV: str(rows_devices), **_site(tmp_path)})
     out_nodes = _wait(nodes, tmp_path / "logs-nodes")
     out_devices = _wait(devices, tmp_path / "logs-devices")
 

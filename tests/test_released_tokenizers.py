@@ -6,17 +6,16 @@ official code builds them: tests/fixtures/official_titok_shapes.json.gz.
 """
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import FIXTURES
 from tokenizer import CheckpointError, PRESETS, load_tokenizer, official
 from titok_core.checkpoints import key_mismatches, read_config_file
 from tokenizer.presets import HUB_REPOS, RELEASED_FILES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RELEASED = ["titok_l32", "titok_b64", "titok_s128", "titok_bl64_vq8k", "titok_bl128_vq8k", "titok_sl256_vq8k",
             "titok_ll32_vae_c16", "titok_bl64_vae_c16", "titok_bl128_vae_c16"]
 
@@ -145,7 +144,7 @@ def test_maskgit_generation_refuses_a_vae_tokenizer(official_tiny):
 
 
 def test_tokenizer_training_refuses_a_vae_config():
-    from tokenizer.train import resolve_model
+    from tokenizer.presets import resolve_model
 
     with pytest.raises(ValueError, match="tokenizer training is implemented for VQ tokenizers only"):
         resolve_model({"preset": "titok_ll32_vae_c16", "image_size": None})

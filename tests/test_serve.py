@@ -25,10 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from test_cli import PAD, assert_one_line_error, run_cli  # tests/ is on sys.path under pytest
+from commands import PAD, assert_one_line_error, run_module as run_cli  # tests/ is on sys.path under pytest
 from titok_core.demo_shapes import CLASS_NAMES
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # the tiny tokenizer's images
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -14,8 +14,9 @@ from titok_core.data import ImageFolderDataset, InMemoryImages
 from tokenizer.model import FSQ
 from tokenizer.presets import small_image_size, titok_small
 from titok_core.lr_schedule import parse_max_time, schedule_callbacks, warmup_cosine
-from tokenizer.train import resolve_model
-from tokenizer.lightning_module import TokenPrior, gradient_loss
+from tokenizer.presets import resolve_model
+from tokenizer.losses import gradient_loss
+from tokenizer.token_prior import TokenPrior
 
 
 def test_fsq_codes_round_trip_and_pass_gradients():

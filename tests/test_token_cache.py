@@ -161,7 +161,7 @@ def _folder(root, n=4, *, seed=0):
 
 
 def _build(tok, root, out, **kw):
-    from generator.cache import dataset_identity
+    from titok_core.runs import dataset_identity
     from titok_core.formats import open_split
 
     data = dataset_identity(root, "train")
@@ -171,7 +171,7 @@ def _build(tok, root, out, **kw):
 
 
 def test_the_dataset_is_recorded_and_a_cache_of_another_dataset_is_refused(tok, tmp_path):
-    from generator.cache import dataset_identity
+    from titok_core.runs import dataset_identity
 
     a, b = _folder(tmp_path / "a" / "data"), _folder(tmp_path / "b" / "data", seed=1)  # same folder names, same files
     manifest, data = _build(tok, a, tmp_path / "c")
@@ -237,7 +237,7 @@ def test_a_half_built_cache_of_another_dataset_is_refused(tok, tmp_path, monkeyp
 
 
 def test_a_manifest_from_before_the_dataset_was_recorded_is_checked_for_the_tokenizer_only(tok, tmp_path, caplog):
-    from generator.cache import dataset_identity
+    from titok_core.runs import dataset_identity
 
     a = _folder(tmp_path / "a" / "data")
     manifest, data = _build(tok, a, tmp_path / "c")

@@ -12,8 +12,10 @@ from conftest import compose_config
 from tokenizer import TiTokConfig, load_tokenizer
 from tokenizer.model import PixelDecoder
 from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
-from tokenizer.train import train, usage_figure
-from tokenizer.lightning_module import LPIPS, CodeUsage, codebook_perplexity, codebook_usage, token_counts
+from tokenizer.figures import usage_figure
+from tokenizer.train import train
+from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
+from tokenizer.perceptual import LPIPS_CHANNELS, build_lpips
 
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
@@ -84,7 +86,7 @@ def test_tiny_run_trains_exports_and_resumes(tmp_path):
 def test_gan_l1_and_gradient_loss_run(tmp_path):
     _image_folder(tmp_path / "data", 16, per_class=2)
     result = train(_cfg(tmp_path, "trainer.max_steps=4", "loss.reconstruction=l1", "loss.gan.weight=0.1",
-                        "loss.gan.start_step=2", "loss.gan.channels=8", "loss.gan.layers=1", "optim.ema=false",
+                        "loss.gan.start_step=2", "loss.gan.channels=32", "loss.gan.layers=1", "optim.ema=false",
                         "loss.gradient_weight=0.1"))
     metrics = tmp_path / "run" / "logs" / "version_0" / "metrics.csv"
     d_loss = _column(metrics, "train/d_loss")
@@ -141,9 +143,9 @@ def test_lpips_from_local_files(tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
 
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, tmp_path / "vgg.pth")
-    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS.CHANNELS)}
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(LPIPS_CHANNELS)}
     torch.save(lins, tmp_path / "lpips.pth")
-    lpips = LPIPS(tmp_path / "vgg.pth", tmp_path / "lpips.pth")
+    lpips = build_lpips(vgg_weights=tmp_path / "vgg.pth", lpips_weights=tmp_path / "lpips.pth")
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     assert lpips(a, a).abs().max() < 1e-6 and (lpips(a, b) > 0).all()
 

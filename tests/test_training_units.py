@@ -210,7 +210,7 @@ def test_generator_benchmark_runs_its_plain_loop_on_cpu(data):
     batches gathered from a random cache (the default) or on one fixed batch; the loss is the training loss."""
     from titok_bench.generator import main
 
-    result = main(["--preset", "maskgit_demo", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4",
+    result = main(["--generator-spec", "maskgit_demo", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4",
                    "--steps", "2", "--warmup", "1", "--cache-size", "16", "--data", data])
     assert result["num_tokens"] == 32 and result["params_m"] > 1
     assert result["steps_per_s"] > 0 and 0 < result["last_loss"] < 10

@@ -1,8 +1,8 @@
 """Benchmark building the token cache from JPEG files, decoding included (random tokenizer weights are fine).
 
-    python -m titok_bench.cache --tokenizer titok_l32 --images 4096 --batch-size 256 --dtype bf16
+    python -m titok_bench.cache --tokenizer-spec titok_l32 --images 4096 --batch-size 256 --dtype bf16
     python -m titok_bench.cache --folder /data/imagenet/val --images 8192 --compile
-Prints one JSON line. For each decode path (``--decode``; see ``generator.cache.build_shards``):
+Prints one JSON line. For each decode path (``--decode``; see ``generator.cache.shards.build_shards``):
 images/s of building the shards (read, decode, resize + crop, encode the image and its mirror,
 write; the manifest and merge are not timed), images/s of reading + decoding + preprocessing
 alone, and peak memory. Then how far the device path agrees with the PIL path: the share of
@@ -28,9 +28,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from generator.cache import _collate, _on_device, _ShardBatches, build_shards
+from generator.cache.shards import _collate, _on_device, _ShardBatches, build_shards
 from generator.device_decode import EncodedImages, collate_encoded, decode_batch
 from tokenizer import PRESETS, load_tokenizer
+from titok_bench.flags import renamed_flags
 from titok_bench.timing import largest_batch, peak_memory_mb
 from titok_core.data import ImageFolderDataset
 from titok_core.runtime import autocast, pick_device
@@ -87,8 +88,9 @@ def _decode_only(data, *, decode: str, batch_size: int, workers: int, device: to
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="titok_l32", help=f"tokenizer spec ({', '.join(PRESETS)}, or a file)")
+    p.add_argument("--tokenizer-spec", default="titok_l32", help=f"tokenizer spec ({', '.join(PRESETS)}, or a file)")
     p.add_argument("--tokenizer-checkpoint", default=None)
+    renamed_flags(p, {"--tokenizer": "--tokenizer-spec"})
     p.add_argument("--folder", default=None, help="an image folder (<folder>/<class>/<image>); default: synthetic")
     p.add_argument("--images", type=int, default=4096, help="images to tokenize (the first ones of --folder)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     probe = args.probe == "yes" or (args.probe == "auto" and device.type == "cuda")
     torch.manual_seed(0)
-    tok = load_tokenizer(args.tokenizer, args.tokenizer_checkpoint, random_weights=True).to(device).eval()  # speed only
+    tok = load_tokenizer(args.tokenizer_spec, args.tokenizer_checkpoint, random_weights=True).to(device).eval()  # speed only
 
     tmp = Path(tempfile.mkdtemp(prefix="cache_benchmark_"))
     try:

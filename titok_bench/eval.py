@@ -1,7 +1,7 @@
 """Benchmark gFID evaluation: ``eval.gfid mode=inception`` end to end, with random weights everywhere.
 
-    python -m titok_bench.eval --preset maskgit_l32 --num-samples 50000 --batch-size 125
-    python -m titok_bench.eval --preset maskgit_l32 --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
+    python -m titok_bench.eval --generator-spec maskgit_l32 --num-samples 50000 --batch-size 125
+    python -m titok_bench.eval --generator-spec maskgit_l32 --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
 Runs the real evaluation (sampling, decoding and Inception streamed batch by batch, over
 classes balanced as for the paper's 50,000 samples) with random generator and tokenizer
 weights, a randomly initialised Inception and random reference statistics: the FID it prints
@@ -22,6 +22,7 @@ from torch import nn
 
 from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES
+from titok_bench.flags import pipeline_flags
 from titok_bench.timing import largest_batch, peak_memory_mb
 from titok_core.runtime import pick_device
 
@@ -50,7 +51,7 @@ def random_inception_weights(path: Path) -> Path:
 
 
 def random_reference(path: Path) -> Path:
-    from eval.fidelity import save_reference_stats
+    from eval.reference import save_reference_stats
 
     features = np.random.default_rng(0).normal(size=(4096, 2048))
     return save_reference_stats(path, features.mean(0), np.cov(features, rowvar=False), {"source": "random"})
@@ -63,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from eval.samples import pipeline_from_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or a config)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the preset's)")
-    p.add_argument("--tokenizer-checkpoint", default=None)
+    pipeline_flags(p, presets=list(PRESETS))
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--dtype", default="auto")
@@ -91,13 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         def cfg(num_samples: int, overlap: bool):
             overrides = [
-                "mode=inception", f"generator.spec={args.preset}", "random_weights=true", f"num_samples={num_samples}",
+                "mode=inception", f"generator.spec={args.generator_spec}", "random_weights=true", f"num_samples={num_samples}",
                 f"batch_size={args.batch_size}", f"dtype={args.dtype}", f"reference={reference}",
                 f"inception_weights={inception}", "state_dir=null", "out=null", f"overlap={overlap}",
                 f"sampler_compile={args.sampler_compile}", f"decoder_compile={args.decoder_compile}",
                 "trainer.accelerator=" + ("gpu" if device.type == "cuda" else "cpu"),
             ]
-            for key, value in (("generator.checkpoint", args.checkpoint), ("tokenizer.spec", args.tokenizer),
+            for key, value in (("generator.checkpoint", args.generator_checkpoint), ("tokenizer.spec", args.tokenizer_spec),
                                ("tokenizer.checkpoint", args.tokenizer_checkpoint)):
                 if value is not None:
                     overrides.append(f"{key}={value}")
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         timed = run(cfg(args.num_samples, True), pipe)
         result = {
-            "benchmark": "gfid", "preset": args.preset, "device": str(device),
+            "benchmark": "gfid", "generator": args.generator_spec, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "num_samples": timed["num_samples"], "batch_size": args.batch_size,
             "dtype": timed["dtype"], "sampler_compile": args.sampler_compile, "decoder_compile": args.decoder_compile,

@@ -1,7 +1,7 @@
 """Benchmark building a token cache from a dataset in any format (folder, Hugging Face, WebDataset).
 
-    python -m titok_bench.formats --data-root data/demo_shapes --split val \
-        --tokenizer checkpoints/titok_demo.safetensors [--data-format auto] [--batch-size 64] [--num-workers 0]
+    python -m titok_bench.formats --data-root data/demo_shapes --data-split val \
+        --tokenizer-spec titok_demo [--data-format auto] [--batch-size 64] [--num-workers 0]
 Prints one JSON line: images/s of the whole build (reading, decoding, preprocessing, encoding
 each image and its mirror, writing and merging the shards) into a fresh temporary directory,
 and images per CPU-second of this process (with --num-workers 0 that is all the work; it does
@@ -16,19 +16,21 @@ import time
 
 import torch
 
-from generator.cache import build_token_cache
+from generator.cache.build import build_token_cache
 from tokenizer import load_tokenizer
-from titok_core.formats import open_split
+from titok_bench.flags import renamed_flags
+from titok_core.formats import FORMATS, open_split
 from titok_core.runtime import pick_device
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--data-format", default="auto", choices=["auto", "folder", "hf", "webdataset"])
-    p.add_argument("--tokenizer", default="checkpoints/titok_demo.safetensors", help="load_tokenizer spec")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data-split", default=None, help="the split (default: the root is the split)")
+    p.add_argument("--data-format", default="auto", choices=["auto", *FORMATS])
+    p.add_argument("--tokenizer-spec", default="titok_demo", help="tokenizer spec (a preset, a file, ...)")
+    p.add_argument("--tokenizer-checkpoint", default=None, help="tokenizer weights (a preset without them: random)")
+    renamed_flags(p, {"--split": "--data-split", "--tokenizer": "--tokenizer-spec", "--checkpoint": "--tokenizer-checkpoint"})
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -36,18 +38,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
-    tok = load_tokenizer(args.tokenizer, args.checkpoint, random_weights=True)  # speed only
+    tok = load_tokenizer(args.tokenizer_spec, args.tokenizer_checkpoint, random_weights=True)  # speed only
     t0, c0 = time.perf_counter(), time.process_time()
-    dataset = open_split(args.data_root, args.split, data_format=args.data_format, resolution=tok.image_size)
+    dataset = open_split(args.data_root, args.data_split, format=args.data_format, resolution=tok.image_size)
     with tempfile.TemporaryDirectory() as out:
         manifest = build_token_cache(
-            tokenizer=tok, tokenizer_source=args.tokenizer, dataset=dataset, out_dir=out, batch_size=args.batch_size,
+            tokenizer=tok, tokenizer_source=args.tokenizer_spec, dataset=dataset, out_dir=out, batch_size=args.batch_size,
             device=device, dtype=args.dtype, num_workers=args.num_workers,
         )
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     result = {
-        "benchmark": "token_cache", "data_root": args.data_root, "split": args.split,
-        "data_format": manifest["data_format"], "tokenizer": args.tokenizer, "device": str(device),
+        "benchmark": "token_cache", "data": {"root": args.data_root, "split": args.data_split,
+                                             "format": manifest["data_format"]},
+        "tokenizer": args.tokenizer_spec, "device": str(device),
         "threads": torch.get_num_threads(), "num_workers": args.num_workers, "batch_size": args.batch_size,
         "images": manifest["num_images"], "skipped": manifest["num_skipped"], "seconds": round(seconds, 2),
         "images_per_s": round(manifest["num_images"] / seconds, 1), "cpu_seconds": round(cpu_seconds, 2),

@@ -1,6 +1,6 @@
 """Benchmark generator training throughput (random weights, random tokens).
 
-    python -m titok_bench.generator --preset maskgit_l32 --batch-size 512 --dtype bf16 --compile --trainer
+    python -m titok_bench.generator --generator-spec maskgit_l32 --batch-size 512 --dtype bf16 --compile --trainer
 Prints one JSON line: steps/s, samples (sequences)/s and tokens/s of full training steps, peak
 memory, and the largest batch that fits (probed on CUDA with eager steps).
 
@@ -28,6 +28,7 @@ from generator.presets import PRESETS
 from generator.token_data import DeviceTokenLoader, EpochOrder, TokenDataModule
 from generator.lightning_module import MaskGITModule
 from titok_core.trainer import ema_callback
+from titok_bench.flags import renamed_flags
 from titok_bench.timing import largest_batch, peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
 
@@ -150,7 +151,8 @@ def run_loop(args, config: dict, device: torch.device) -> tuple[float, list, Mas
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or a config file)")
+    p.add_argument("--generator-spec", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or a config file)")
+    renamed_flags(p, {"--preset": "--generator-spec"})
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    config = model_config(args.preset)
+    config = model_config(args.generator_spec)
     if args.trainer:
         t_step, losses, module, batches_per_epoch = run_trainer(args, config, device)
     else:
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
             start=args.batch_size, limit=args.max_batch, device=device,
         )
     result = {
-        "benchmark": "generator_training", "preset": args.preset, "device": str(device),
+        "benchmark": "generator_training", "generator": args.generator_spec, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size, "compile": args.compile,
         "fused_adamw": args.fused, "trainer": args.trainer, "data": args.data,

@@ -1,7 +1,7 @@
 """Benchmark end-to-end sampling: class labels -> tokens -> uint8 images on the device (random weights are fine).
 
-    python -m titok_bench.sampling --preset maskgit_l32 --batch-size 125 --dtype bf16
-    python -m titok_bench.sampling --preset uvit_s128 --paths fast --sampler-compile reduce-overhead
+    python -m titok_bench.sampling --generator-spec maskgit_l32 --batch-size 125 --dtype bf16
+    python -m titok_bench.sampling --generator-spec uvit_s128 --paths fast --sampler-compile reduce-overhead
 Prints one JSON line. For each path (``--paths``):
 
 * eager: ``sample_tokens`` + ``TiTok.decode`` one batch after the other (what sampling.generate does);
@@ -30,6 +30,7 @@ from generator.presets import PRESETS
 from sampling.fast import COMPILE_MODES, FastDecoder, StaticSampler, pipelined, to_uint8
 from sampling.pipeline import load_pipeline
 from generator.sampler import sample_tokens
+from titok_bench.flags import pipeline_flags
 from titok_bench.timing import largest_batch, peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
 
@@ -96,10 +97,7 @@ def measure(path: "EndToEnd", *, batch_size: int, num_classes: int, batches: int
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="maskgit_l32", help=f"generator spec ({', '.join(PRESETS)}, or an official config)")
-    p.add_argument("--checkpoint", default=None, help="generator weights (default: random)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the preset's)")
-    p.add_argument("--tokenizer-checkpoint", default=None, help="tokenizer weights (default: random)")
+    pipeline_flags(p, presets=list(PRESETS))
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions (for --dtype fp32)")
@@ -126,14 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     probe = args.probe == "yes" or (args.probe == "auto" and device.type == "cuda")
     torch.manual_seed(0)
     pipe = load_pipeline(
-        generator={"spec": args.preset, "checkpoint": args.checkpoint},
-        tokenizer={"spec": args.tokenizer, "checkpoint": args.tokenizer_checkpoint},
+        generator={"spec": args.generator_spec, "checkpoint": args.generator_checkpoint},
+        tokenizer={"spec": args.tokenizer_spec, "checkpoint": args.tokenizer_checkpoint},
         random_weights=True,  # speed: the figures do not depend on the weights
     ).to(device)
     gen, tok = pipe.generator, pipe.tokenizer
     num_classes = gen.num_classes
     result = {
-        "benchmark": "sampling", "preset": args.preset, "tokenizer": tok.source, "device": str(device),
+        "benchmark": "sampling", "generator": args.generator_spec, "tokenizer": tok.source, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "tf32": args.tf32, "batch_size": args.batch_size,
         "batches": args.batches, "sampling": pipe.sampling, "paths": {},

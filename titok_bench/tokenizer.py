@@ -1,6 +1,6 @@
 """Benchmark TiTok encode/decode throughput (random weights are fine).
 
-    python -m titok_bench.tokenizer --preset titok_l32 --batch-size 32 --dtype bf16 [--compile]
+    python -m titok_bench.tokenizer --tokenizer-spec titok_l32 --batch-size 32 --dtype bf16 [--compile]
 Prints one JSON line: images/s for encode and decode, peak memory.
 """
 from __future__ import annotations
@@ -11,13 +11,15 @@ import json
 import torch
 
 from tokenizer import PRESETS, load_tokenizer
+from titok_bench.flags import renamed_flags
 from titok_bench.timing import peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="titok_l32", help=f"tokenizer spec ({', '.join(PRESETS)}, or a file)")
+    p.add_argument("--tokenizer-spec", default="titok_l32", help=f"tokenizer spec ({', '.join(PRESETS)}, or a file)")
+    renamed_flags(p, {"--preset": "--tokenizer-spec"})
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    tok = load_tokenizer(args.preset, random_weights=True).to(device)  # speed only: weights do not matter
+    tok = load_tokenizer(args.tokenizer_spec, random_weights=True).to(device)  # speed only: weights do not matter
     if args.compile:
         tok.encoder = torch.compile(tok.encoder)
         tok.decoder = torch.compile(tok.decoder)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_enc = time_call(encode, device=device, warmup=args.warmup, iters=args.iters)
     t_dec = time_call(decode, device=device, warmup=args.warmup, iters=args.iters)
     result = {
-        "benchmark": "tokenizer", "preset": args.preset, "device": str(device),
+        "benchmark": "tokenizer", "tokenizer": args.tokenizer_spec, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "batch_size": args.batch_size, "compile": args.compile,
         "encode_images_per_s": round(args.batch_size / t_enc, 2),

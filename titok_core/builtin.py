@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from titok_core.errors import UsageError
+
 NATIVE_SIZE = {"demo": 64, "digits": 32}  # the image size each is written at by default
 
 
@@ -23,4 +25,4 @@ def make_builtin_dataset(
         from titok_core.digits import make_digits_dataset
 
         return make_digits_dataset(root, size=size, seed=seed)
-    raise ValueError(f"unknown built-in dataset {name!r}; known: {', '.join(NATIVE_SIZE)}")
+    raise UsageError(f"unknown built-in dataset {name!r}; known: {', '.join(NATIVE_SIZE)}")

@@ -30,6 +30,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from titok_core.errors import BadFileError, MissingFileError
+
 KIND_KEY = "titok_gen.kind"
 CONFIG_KEY = "titok_gen.config"
 EXTRA_KEY = "titok_gen.extra"
@@ -37,7 +39,7 @@ WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadFileError):
     """A model file or spec that cannot be used; the message is one line."""
 
 
@@ -393,7 +395,7 @@ def package_file(package: str, filename: str) -> Path:
     """A file shipped in ``package`` (e.g. "generator.assets"), as a real path; an error when missing."""
     path = Path(str(resources.files(package) / filename))
     if not path.is_file():
-        raise FileNotFoundError(f"shipped model file {path} is missing: reinstall titok-gen")
+        raise MissingFileError(f"shipped model file {path} is missing: reinstall titok-gen")
     return path
 
 

@@ -9,11 +9,13 @@ line on stderr and exit code 2:
 * ``+key=value`` (Hydra's "add a key"): every option we read is in the config already, so an
   added key would be read by nothing;
 * a value of the wrong type for a key whose default is a number or a boolean;
-* a count below 1 or a negative rate (batch sizes, steps, learning rates: ``_AT_LEAST_ONE`` ...);
+* a number out of its range: each entry point names its own counts (at least 1), rates (positive)
+  and sizes that may be 0 but not negative (:class:`Ranges`);
 * a mandatory value (``???``) left missing.
 
-While the task runs, Ctrl-C prints one line (``interrupted``) and exits 130; errors the task
-raises for bad input (see :func:`titok_core.runtime.exit_on_user_error`) print one line and exit 2.
+While the task runs, Ctrl-C prints one line (``interrupted``) and exits 130; the user errors the
+task raises (:mod:`titok_core.errors`) print one line and exit 2, and every other exception keeps
+its traceback. ``TITOK_FULL_ERROR=1`` shows the traceback of the command line's errors too.
 ``--help`` prints the entry point's description, then every option with its default and the
 comment beside it in the YAML, then the config groups to choose from.
 """
@@ -24,14 +26,13 @@ import functools
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from titok_core.errors import UsageError, full_error, report
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 RESUME_HINT = "interrupted: run the same command to resume"
-
-
-class UsageError(ValueError):
-    """A command line that cannot run; the message is one line."""
 
 
 # --------------------------------------------------------------------------- overrides
@@ -109,39 +110,53 @@ def _type_error(key: str, value: str, default) -> str | None:
     return None
 
 
-# Options that count something and must be at least 1, and rates that must be positive, on every
-# entry point (null keeps its meaning where an option allows it).
-_AT_LEAST_ONE = re.compile(r"(^|\.)(batch_size|n|num_samples|num_steps|max_steps|demo_per_class|state_every|"
-                           r"accumulate_grad_batches|global_batch|num_nodes|checkpoint_every_n_steps|val_images|"
-                           r"classifier_steps|colour_blind_steps|max_n|sample_classes|log_every_n_steps)$")
-_POSITIVE = re.compile(r"(^|\.)(lr|end_lr)$")
-_NOT_NEGATIVE = re.compile(r"(^|\.)(num_workers|seed|warmup_steps|sample_every_n_steps|guidance_scale|"
-                           r"randomize_temperature|weight_decay|label_smoothing|class_dropout)$")
+@dataclass(frozen=True)
+class Ranges:
+    """The options of one entry point whose numbers have a range, as dotted keys.
 
+    at_least_one: counts (batch sizes, steps); positive: rates (learning rates); not_negative:
+    sizes that may be 0 (workers, warm-up steps, a guidance scale). null keeps its meaning where
+    an option allows it. ``a | b`` is both. Each entry point passes its own to :func:`hydra_entry`,
+    made of those of its config groups, each declared beside the code that reads the group (the
+    trainers' common options: :data:`titok_core.training.TRAINER_RANGES`).
+    """
 
-def _range_error(key: str, value: str) -> str | None:
-    """A one-line complaint for a number out of its range (see the patterns above)."""
-    try:
-        number = float(value)
-    except ValueError:
+    at_least_one: tuple[str, ...] = ()
+    positive: tuple[str, ...] = ()
+    not_negative: tuple[str, ...] = ()
+
+    def __or__(self, other: Ranges) -> Ranges:
+        return Ranges(*(tuple(dict.fromkeys(a + b)) for a, b in
+                        zip((self.at_least_one, self.positive, self.not_negative),
+                            (other.at_least_one, other.positive, other.not_negative))))
+
+    def keys(self) -> tuple[str, ...]:
+        return self.at_least_one + self.positive + self.not_negative
+
+    def error(self, key: str, value: str) -> str | None:
+        """A one-line complaint when ``value`` is a number out of ``key``'s range, else None."""
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        if key in self.at_least_one and number < 1:
+            return f"{key}={value}: must be at least 1"
+        if key in self.positive and number <= 0:
+            return f"{key}={value}: must be positive"
+        if key in self.not_negative and number < 0:
+            return f"{key}={value}: must not be negative"
         return None
-    if _AT_LEAST_ONE.search(key) and number < 1:
-        return f"{key}={value}: must be at least 1"
-    if _POSITIVE.search(key) and number <= 0:
-        return f"{key}={value}: must be positive"
-    if _NOT_NEGATIVE.search(key) and number < 0:
-        return f"{key}={value}: must not be negative"
-    return None
 
 
 def check_command_line(
     argv: list[str], *, config_dir: Path, config_name: str, renamed: Mapping[str, str] = {},
-    scalar_groups: Mapping[str, str] = {},
+    scalar_groups: Mapping[str, str] = {}, ranges: Ranges = Ranges(),
 ):
     """Compose the config with the overrides in ``argv``; raise UsageError (one line) for any mistake.
 
     renamed: old dotted key -> new key. scalar_groups: a group that used to be one value ->
-    the key that value goes to now (``generator=X`` -> ``generator.spec``). Returns the config.
+    the key that value goes to now (``generator=X`` -> ``generator.spec``). ranges: the entry
+    point's options with a range. Returns the config.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -179,7 +194,7 @@ def check_command_line(
                     raise UsageError(f"{key}= takes a group now: write {scalar_groups[key]}={value}")
                 default = node._value() if isinstance(node, ValueNode) else None
                 if value is not None:
-                    problem = _type_error(key, value, default) or _range_error(key, value)
+                    problem = _type_error(key, value, default) or ranges.error(key, value)
                     if problem:
                         raise UsageError(problem)
             try:
@@ -274,17 +289,23 @@ def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
 
 def hydra_entry(
     *, config: str, description: str, renamed: Mapping[str, str] = {}, scalar_groups: Mapping[str, str] = {},
-    on_interrupt: str = RESUME_HINT,
+    ranges: Ranges = Ranges(), on_interrupt: str = RESUME_HINT,
 ) -> Callable[[Callable], Callable[[], None]]:
     """Decorate ``task(cfg)`` as the ``main()`` of an entry point whose config is ``conf/<config>.yaml``.
 
-    description: the module's docstring (printed by --help). renamed / scalar_groups: see
-    :func:`check_command_line`. on_interrupt: the line printed on Ctrl-C (exit 130).
+    description: the module's docstring (printed by --help). renamed / scalar_groups / ranges: see
+    :func:`check_command_line`. on_interrupt: the line printed on Ctrl-C (exit 130). The returned
+    ``main`` carries ``main.task`` (the task), ``main.check(argv)`` (the checks it runs on a
+    command line, returning the composed config) and ``main.ranges``, for tests.
     """
     import hydra
 
     config_dir = CONF / Path(config).parent
     config_name = Path(config).name
+
+    def check(argv: list[str]):
+        return check_command_line(argv, config_dir=config_dir, config_name=config_name, renamed=renamed,
+                                  scalar_groups=scalar_groups, ranges=ranges)
 
     def decorate(task: Callable) -> Callable[[], None]:
         @functools.wraps(task)
@@ -304,11 +325,11 @@ def hydra_entry(
                 return
             if not any(a.startswith("--") for a in argv):  # --cfg, --multirun ...: Hydra's own business
                 try:
-                    check_command_line(argv, config_dir=config_dir, config_name=config_name, renamed=renamed,
-                                       scalar_groups=scalar_groups)
+                    check(argv)
                 except UsageError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    sys.exit(2)
+                    if full_error():
+                        raise
+                    report(exc)
                 except KeyboardInterrupt:
                     print("interrupted", file=sys.stderr)
                     sys.exit(130)
@@ -319,6 +340,7 @@ def hydra_entry(
                 sys.exit(130)
 
         main.task = task  # tests call the task with a composed config
+        main.check, main.ranges = check, ranges
         return main
 
     return decorate

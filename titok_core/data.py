@@ -49,6 +49,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, Dataset, Subset, default_collate
 
+from titok_core.errors import MissingFileError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -158,6 +160,19 @@ def _scan(folder: str) -> list[str]:
     return sorted(found)
 
 
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted by path (so runs and ranks agree).
+
+    The one rule every reader of an image folder uses (:class:`ImageFolderDataset` in each class
+    folder, :func:`list_images`, rFID, reference statistics, the demo classifier), so that they
+    all count the same images: a file whose extension is in ``IMAGE_EXTENSIONS`` (any case), and
+    nothing hidden. Files and folders whose name starts with "." are skipped: macOS's
+    ``._photo.jpg`` resource forks and the copies in ``.ipynb_checkpoints`` are not images of the
+    set (the first do not even decode). Links to folders are followed.
+    """
+    return [Path(p) for p in _scan(os.fspath(folder))]
+
+
 def list_images(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Files and folders (and glob patterns) -> image files, in the order given, each folder sorted.
 
@@ -170,7 +185,7 @@ def list_images(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) 
         item = os.path.expanduser(str(item))
         matches = [item] if os.path.exists(item) else sorted(glob.glob(item, recursive=True))
         if not matches:
-            raise FileNotFoundError(f"no such file or folder: {item}")
+            raise MissingFileError(f"no such file or folder: {item}")
         for m in matches:
             for f in _scan(m) if os.path.isdir(m) else [m]:
                 out[Path(f)] = None
@@ -250,14 +265,14 @@ class ImageFolderDataset(ImageRecordsDataset):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"no image folder at {self.root}")
+            raise MissingFileError(f"no image folder at {self.root}")
         classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         if not classes:
-            raise FileNotFoundError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
+            raise MissingFileError(f"no class folders in {self.root} (expected {self.root}/<class>/<image>)")
         found = [_scan(str(self.root / c)) for c in classes]
         self.samples = [(p, label) for label, files in enumerate(found) for p in files]
         if not self.samples:
-            raise FileNotFoundError(f"no images in the class folders of {self.root}")
+            raise MissingFileError(f"no images in the class folders of {self.root}")
         for label, (c, files) in enumerate(zip(classes, found)):
             if not files:  # keeps its label: see the module docstring
                 folder = str(self.root / c)
@@ -294,7 +309,7 @@ class InMemoryImages(Dataset):
             images.append((item[0] * 255).round().to(torch.uint8))
             labels.append(int(item[1]))
         if not images:
-            raise FileNotFoundError(f"no readable images in {dataset!r}")
+            raise MissingFileError(f"no readable images in {dataset!r}")
         self.images = torch.stack(images)  # (N, 3, R, R) uint8
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_skipped = len(dataset) - len(images)

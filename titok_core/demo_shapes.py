@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from titok_core.errors import PathTakenError
+
 log = logging.getLogger(__name__)
 
 # (folder name, RGB 0..255); the folder names sort in class-id order.
@@ -217,7 +219,7 @@ def make_demo_dataset(
         have = _read_manifest(root)
         if have == want:
             return True
-        raise FileExistsError(
+        raise PathTakenError(
             f"{root} exists but was not made by make_demo_dataset with these settings "
             f"(found {have}, want {want}); remove it or pick another root"
         )

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from titok_core.errors import MissingPackageError, PathTakenError
+
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = [f"digit_{d}" for d in range(10)]
@@ -32,7 +34,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise ImportError("the digits dataset needs scikit-learn: pip install 'titok-gen[digits]'") from exc
+        raise MissingPackageError("the digits dataset needs scikit-learn: pip install 'titok-gen[digits]'") from exc
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     return images, digits.target.astype(np.int64)
@@ -55,7 +57,7 @@ def make_digits_dataset(root: str | os.PathLike, *, size: int = 32, val_fraction
             have = None
         if have == want:
             return root
-        raise FileExistsError(f"{root} exists but was not made by make_digits_dataset with these settings "
+        raise PathTakenError(f"{root} exists but was not made by make_digits_dataset with these settings "
                               f"(found {have}, want {want}); remove it or pick another root")
     images, labels = load_digits_arrays()
     rng = np.random.default_rng(seed)

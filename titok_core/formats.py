@@ -1,7 +1,7 @@
 """ImageNet as users store it: image folders, Hugging Face datasets, WebDataset shards.
 
-One ``data_root`` names any of them; :func:`detect_format` tells which (``data_format=``
-overrides it), and :func:`open_split` opens one split:
+One root (``data.root``) names any of them; :func:`detect_format` tells which (``data.format``,
+``format=`` here, overrides it), and :func:`open_split` opens one split:
 
 * ``"folder"`` — ``<root>/<split>/<class>/**/<image>`` (:class:`titok_core.data.ImageFolderDataset`).
 * ``"hf"`` — a Hugging Face ``datasets`` image dataset with ``image`` and ``label`` columns:
@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from titok_core.errors import BadFileError, MissingFileError, UsageError
 from titok_core.data import (
     IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, _warn_once, load_image_rgb, preprocess,
 )
@@ -66,19 +67,9 @@ _IMAGE_KEYS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS))
 DAMAGED = ("stop", "skip")
 
 
-class ShardError(ValueError):
-    """A shard that cannot be read to its end (see the module docstring); the message is one line.
-
-    A DataLoader worker's exception comes back to the main process rebuilt from the worker's
-    whole traceback; the message is then cut back to the original line, so the user still reads
-    one line.
-    """
-
-    def __init__(self, message: str = ""):
-        name = type(self).__name__
-        if message.startswith(f"Caught {name} "):
-            message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
-        super().__init__(message)
+class ShardError(BadFileError):
+    """A shard that cannot be read to its end (see the module docstring); the message is one line,
+    also when it was raised in a DataLoader worker (see :class:`titok_core.errors.UserError`)."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -102,7 +93,7 @@ def detect_format(root: str | os.PathLike) -> str:
         return "hf"
     path = Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"no dataset at {root}")
+        raise MissingFileError(f"no dataset at {root}")
     if is_saved_dataset(path):
         return "hf"
     if any(path.glob("*.tar")):
@@ -112,12 +103,14 @@ def detect_format(root: str | os.PathLike) -> str:
     return "folder"
 
 
-def _check_format(data_format: str, root) -> str:
-    if data_format == "auto":
+def resolve_format(format: str, root: str | os.PathLike) -> str:
+    """``format`` (``data.format``: auto or one of :data:`FORMATS`) -> the format ``root`` is read in:
+    auto detects it (:func:`detect_format`); another name is checked and kept."""
+    if format == "auto":
         return detect_format(root)
-    if data_format not in FORMATS:
-        raise ValueError(f"data_format must be auto or one of {', '.join(FORMATS)}, got {data_format!r}")
-    return data_format
+    if format not in FORMATS:
+        raise UsageError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
+    return format
 
 
 def _split_files(files: list[Path], split: str | None, root: Path) -> list[Path]:
@@ -158,7 +151,7 @@ def _class_names(features) -> list[str]:
 def _check_columns(columns, where: str) -> None:
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
-        raise ValueError(f"{where} has no {' or '.join(missing)} column (columns: {', '.join(columns)})")
+        raise BadFileError(f"{where} has no {' or '.join(missing)} column (columns: {', '.join(columns)})")
 
 
 class ArrowRecords:
@@ -272,14 +265,14 @@ def open_hf_records(root: str | os.PathLike, split: str | None):
         if isinstance(ds, DatasetDict):
             names = [n for n in (split, SPLIT_ALIASES.get(split)) if n in ds] if split else list(ds)
             if not names or (split is None and len(ds) > 1):
-                raise FileNotFoundError(
-                    f"Hugging Face dataset {root_s} has no split {split!r} (splits: {', '.join(ds)}); pass split=..."
+                raise MissingFileError(
+                    f"Hugging Face dataset {root_s} has no split {split!r} (splits: {', '.join(ds)}); pass data.split=..."
                 )
             return ArrowRecords(ds[names[0]], f"{root_s}:{names[0]}")
         return ArrowRecords(ds, root_s)
     files = parquet_files(root_s, split)
     if not files:
-        raise FileNotFoundError(f"no parquet files{f' of split {split!r}' if split else ''} at {root_s}")
+        raise MissingFileError(f"no parquet files{f' of split {split!r}' if split else ''} at {root_s}")
     return ParquetRecords(files)
 
 
@@ -295,12 +288,12 @@ def webdataset_urls(root: str | os.PathLike, split: str | None) -> list[str]:
         urls = list(braceexpand(root))
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(urls)} WebDataset shard(s) not found, e.g. {missing[0]}")
+            raise MissingFileError(f"{len(missing)} of {len(urls)} WebDataset shard(s) not found, e.g. {missing[0]}")
         return urls
     path = Path(root)
     urls = [str(p) for p in _split_files(sorted(path.glob("*.tar")), split, path)] if path.is_dir() else []
     if not urls:
-        raise FileNotFoundError(f"no .tar shards{f' of split {split!r}' if split else ''} at {root}")
+        raise MissingFileError(f"no .tar shards{f' of split {split!r}' if split else ''} at {root}")
     return urls
 
 
@@ -488,7 +481,7 @@ class WebDatasetTrainStream(IterableDataset):
                         buffer[k], buffer[-1] = buffer[-1], buffer[k]
                         yield buffer.pop()
             if seen == 0:
-                raise ValueError(f"no training samples in the WebDataset shards of {self.shards.root}")
+                raise BadFileError(f"no training samples in the WebDataset shards of {self.shards.root}")
             cap = min(cap, len(buffer) - 1)  # fewer samples than the buffer holds: shuffle what there is
 
 
@@ -496,7 +489,7 @@ class WebDatasetTrainStream(IterableDataset):
 
 
 def open_split(
-    root: str | os.PathLike, split: str | None = None, *, data_format: str = "auto", resolution: int,
+    root: str | os.PathLike, split: str | None = None, *, format: str = "auto", resolution: int,
     train: bool = False, random_crop: bool = False, random_flip: bool | None = None, transform=None,
 ):
     """One split of any format -> a map-style dataset or, for WebDataset, :class:`WebDatasetShards`.
@@ -504,26 +497,27 @@ def open_split(
     Map-style (folder, hf): an :class:`~titok_core.data.ImageRecordsDataset` giving
     (float32 [3,R,R] in [0,1] — or ``transform(PIL image)`` — , label int) or None for an
     unreadable image, with ``classes`` and ``num_skipped``. ``split`` None: ``root`` itself is
-    the split (a class-folder tree, a single Dataset, parquet files, shards). Raises
-    FileNotFoundError when the split is not there.
+    the split (a class-folder tree, a single Dataset, parquet files, shards). ``format``: see
+    :func:`resolve_format`; the dataset's ``format`` attribute says which was read. Raises
+    MissingFileError when the split is not there.
     """
-    fmt = _check_format(data_format, root)
+    fmt = resolve_format(format, root)
     kwargs = dict(resolution=resolution, train=train, random_crop=random_crop, random_flip=random_flip,
                   transform=transform)
     if fmt == "folder":
         folder = Path(root) / split if split else Path(root)
         if not folder.is_dir():
-            raise FileNotFoundError(f"no image folder at {folder} (expected <root>/<split>/<class>/*)")
+            raise MissingFileError(f"no image folder at {folder} (expected <root>/<split>/<class>/*)")
         dataset = ImageFolderDataset(folder, **kwargs)
     elif fmt == "hf":
         records = open_hf_records(root, split)
         if len(records) == 0:
-            raise FileNotFoundError(f"no rows in the Hugging Face dataset at {root}")
+            raise MissingFileError(f"no rows in the Hugging Face dataset at {root}")
         dataset = ImageRecordsDataset(records, classes=records.classes, **kwargs)
         dataset.root = str(root)
     else:
         dataset = WebDatasetShards(webdataset_urls(root, split), str(root))
-    dataset.data_format = fmt
+    dataset.format = fmt
     return dataset
 
 
@@ -537,11 +531,11 @@ def dataset_name(root: str | os.PathLike) -> str:
     return path.name or "data"
 
 
-def has_split(root: str | os.PathLike, split: str, *, data_format: str = "auto") -> bool:
+def has_split(root: str | os.PathLike, split: str, *, format: str = "auto") -> bool:
     """Whether ``root`` is organised by splits and has ``split`` (a folder ``<root>/<split>``, a
     DatasetDict split, parquet or tar files named for it)."""
     try:
-        fmt = _check_format(data_format, root)
+        fmt = resolve_format(format, root)
     except FileNotFoundError:
         return False
     if fmt == "folder":

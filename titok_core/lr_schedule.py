@@ -13,6 +13,8 @@ import time
 
 from lightning.pytorch.callbacks import Callback, Timer
 
+from titok_core.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def parse_max_time(value: str | None) -> float | None:
         return None
     parts = [float(p) for p in str(value).split(":")]
     if len(parts) != 4:
-        raise ValueError(f"trainer.max_time must be DD:HH:MM:SS, got {value!r}")
+        raise UsageError(f"trainer.max_time must be DD:HH:MM:SS, got {value!r}")
     days, hours, minutes, seconds = parts
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
@@ -85,7 +87,7 @@ def schedule_callbacks(*, max_time: str | None, schedule_steps) -> list[Callback
     """``[FitScheduleToTime]`` when ``schedule_steps`` is "auto" and max_time is set, else ``[]``
     (``schedule_steps`` "max_steps": the cosine runs over trainer.max_steps)."""
     if schedule_steps not in ("auto", "max_steps"):
-        raise ValueError(f"trainer.schedule_steps must be auto or max_steps, got {schedule_steps!r}")
+        raise UsageError(f"trainer.schedule_steps must be auto or max_steps, got {schedule_steps!r}")
     seconds = parse_max_time(max_time)
     if schedule_steps == "auto" and seconds is not None:
         return [FitScheduleToTime(max_time_s=seconds)]

@@ -1,7 +1,7 @@
 """A run knows what it is: the identity of a training run, recorded when it starts and checked on resume.
 
-A run directory holds ``run.json``: the dataset (root, split, format and a cheap fingerprint of
-its files), the tokenizer, the model config and the recipe. A rerun of the same command finds
+A run directory holds ``run.json``: the dataset (:func:`dataset_identity`: root, split, format and
+a cheap fingerprint of its files), the tokenizer, the model config and the recipe. A rerun of the same command finds
 its record equal and resumes from ``checkpoints/last.ckpt``; a command that would continue
 someone else's run (another dataset, tokenizer, model or recipe) stops with one line that names
 what differs. ``resume=false`` moves the old run aside (never deletes it) and starts afresh.
@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from titok_core.checkpoints import atomic_path
+from titok_core.errors import MismatchError, MissingFileError, UsageError
 from titok_core.formats import dataset_name
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ DATA_LAYOUTS = (
 )
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(MismatchError):
     """A run directory that holds another run; the message is one line."""
 
 
@@ -44,7 +46,7 @@ def builtin_for(root: str | os.PathLike, builtin: str | None) -> str | None:
     location ``root`` is (``data/demo_shapes`` -> demo), else None (the data must be there)."""
     if builtin:
         if builtin not in BUILTIN_ROOTS:
-            raise ValueError(f"data.builtin must be one of {', '.join(BUILTIN_ROOTS)}, got {builtin!r}")
+            raise UsageError(f"data.builtin must be one of {', '.join(BUILTIN_ROOTS)}, got {builtin!r}")
         return builtin
     return next((name for name, default in BUILTIN_ROOTS.items() if _same_path(root, default)), None)
 
@@ -54,7 +56,7 @@ def require_dataset(root: str | os.PathLike) -> None:
     text = os.fspath(root)
     if "{" in text or Path(text).exists():
         return
-    raise FileNotFoundError(f"no dataset at {text}: expected {DATA_LAYOUTS}")
+    raise MissingFileError(f"no dataset at {text}: expected {DATA_LAYOUTS}")
 
 
 def default_run_dir(*, package: str, name: str, root: str | os.PathLike, builtin: str | None) -> Path:
@@ -104,6 +106,40 @@ def names_and_sizes_fingerprint(files: list[tuple[str, int]]) -> dict:
     return {"files": len(files), "sha256": h.hexdigest()[:16]}
 
 
+def urls_fingerprint(urls: list[str]) -> dict:
+    """:func:`names_and_sizes_fingerprint` of listed files (shards): a local file as its base name and
+    size, a remote URL (``s3://``, ``pipe:``) whole with size -1."""
+    entries = []
+    for url in urls:
+        local = "://" not in url and not url.startswith("pipe:")
+        size = os.path.getsize(url) if local and os.path.isfile(url) else -1
+        entries.append((os.path.basename(url) if local else url, size))
+    return names_and_sizes_fingerprint(entries)
+
+
+def dataset_identity(root: str | os.PathLike, split: str | None, format: str = "auto") -> dict:
+    """What a run, a token cache and an evaluation record of a dataset: ``{"root", "split", "format",
+    "files", "sha256"}``.
+
+    root: absolute (a URL or brace pattern of shards as given); format: the one it is read in
+    (``auto`` detected, see :func:`titok_core.formats.resolve_format`); files and sha256: how many
+    files the split is read from and a hash of their names and sizes (no contents: a million-image
+    folder takes seconds). The same split of the same files gives the same identity.
+    """
+    from titok_core.formats import is_saved_dataset, parquet_files, resolve_format, webdataset_urls
+
+    fmt = resolve_format(format, root)
+    text = os.fspath(root)
+    absolute = text if "://" in text else os.path.abspath(text)
+    if fmt == "webdataset":
+        files = urls_fingerprint(webdataset_urls(root, split))
+    elif fmt == "hf" and not is_saved_dataset(text):  # parquet: the split's own files, as the dataset reads them
+        files = urls_fingerprint([str(p) for p in parquet_files(text, split)])
+    else:
+        files = dataset_fingerprint(root, split)
+    return {"root": absolute, "split": split, "format": fmt, **files}
+
+
 def _flatten(value, prefix: str = "") -> dict:
     if isinstance(value, dict):
         out = {}
@@ -113,9 +149,20 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """``key (was A, now B)`` for every leaf that differs between two identity records."""
-    a, b = _flatten(old), _flatten(new)
+def _as_today(old: dict, new: dict, renamed: Mapping[str, str]) -> dict:
+    """A record an earlier version wrote, flattened, in today's terms: keys renamed since (``renamed``:
+    old dotted key -> new), and a dataset format recorded as given (``auto``) read as the detected one."""
+    flat = {renamed.get(k, k): v for k, v in _flatten(old).items()}
+    if flat.get("dataset.format") == "auto" and "dataset.format" in new:
+        flat["dataset.format"] = new["dataset.format"]
+    return flat
+
+
+def differences(old: dict, new: dict, *, renamed: Mapping[str, str] = {}) -> list[str]:
+    """``key (was A, now B)`` for every leaf that differs between two identity records; ``old`` is read
+    in today's terms first (see :func:`start_run`)."""
+    b = _flatten(new)
+    a = _as_today(old, b, renamed)
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
@@ -128,18 +175,22 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def start_run(run_dir: str | os.PathLike, identity: dict, *, resume: bool | str = "auto") -> bool:
+def start_run(
+    run_dir: str | os.PathLike, identity: dict, *, resume: bool | str = "auto", renamed: Mapping[str, str] = {},
+) -> bool:
     """Record ``identity`` in ``run_dir`` or check it against the record there; True when the run resumes.
 
     resume: "auto" (resume when the record agrees, stop with a RunMismatchError naming the
     differences when not) or False (move an existing run aside to ``<run_dir>.old-<time>`` and
-    start afresh). ``identity`` must be JSON-serialisable.
+    start afresh). ``identity`` must be JSON-serialisable. renamed: keys of records written
+    before an option was renamed (old dotted key -> new), so that those runs still resume; a
+    dataset format recorded as ``auto`` by earlier versions counts as the detected one.
     """
     run_dir = Path(run_dir)
     record = run_dir / RECORD
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as it will read back
     if resume not in ("auto", True, False):
-        raise ValueError(f"resume must be auto or false, got {resume!r}")
+        raise UsageError(f"resume must be auto or false, got {resume!r}")
     exists = record.is_file() or (run_dir / "checkpoints").is_dir()
     if exists and resume is False:
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -151,7 +202,7 @@ def start_run(run_dir: str | os.PathLike, identity: dict, *, resume: bool | str 
         exists = False
     if exists and record.is_file():
         old = json.loads(record.read_text())
-        diff = differences(old, identity)
+        diff = differences(old, identity, renamed=renamed)
         if diff:
             raise RunMismatchError(
                 f"{run_dir} holds another run: it differs in {'; '.join(diff[:3])}"

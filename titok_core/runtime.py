@@ -1,13 +1,14 @@
-"""Device and precision choices, and the one-line error exit shared by every entry point."""
+"""Device and precision choices shared by every entry point."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
+
+from titok_core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but no CUDA GPU is available")
+        raise UsageError(f"device {name!r} asked for but no CUDA GPU is available")
     return device
 
 
@@ -64,7 +65,7 @@ def resolve_dtype(device: torch.device, dtype: str) -> str:
     if dtype == "auto":
         return _auto_choice("dtype", cuda=device.type == "cuda", fast="bf16", plain="fp32")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     return dtype
 
 
@@ -84,22 +85,6 @@ def resolve_precision(precision: str) -> str:
     return _auto_choice("precision", cuda=torch.cuda.is_available(), fast="bf16-mixed", plain="32-true")
 
 
-@contextlib.contextmanager
-def exit_on_user_error(*extra: type[BaseException]):
-    """For entry points: a bad spec, file or value becomes one ``error: ...`` line on stderr and exit 2.
-
-    Covers CheckpointError, FileNotFoundError and ValueError (with their subclasses such as
-    CacheMismatchError and ReferenceStatsError) plus ``extra``.
-    """
-    from titok_core.checkpoints import CheckpointError
-
-    try:
-        yield
-    except (CheckpointError, FileNotFoundError, ValueError, *extra) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 def resolve_workers(num_workers: int | str) -> int:
     """DataLoader workers: ``"auto"`` -> min(4, usable CPU cores - 1) (0 on one core: the main process
     loads), so the loader never asks for more workers than the machine has; a number is kept."""
@@ -112,7 +97,7 @@ def resolve_workers(num_workers: int | str) -> int:
     try:
         workers = int(num_workers)
     except (TypeError, ValueError):
-        raise ValueError(f"num_workers must be auto or a number, got {num_workers!r}") from None
+        raise UsageError(f"num_workers must be auto or a number, got {num_workers!r}") from None
     if workers < 0:
-        raise ValueError(f"num_workers must not be negative, got {workers}")
+        raise UsageError(f"num_workers must not be negative, got {workers}")
     return workers

@@ -14,6 +14,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from torch import nn
 
+from titok_core.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -160,7 +162,7 @@ def make_loggers(names, run_dir: Path, *, name: str) -> list:
             os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless asked
             loggers.append(WandbLogger(name=name, save_dir=str(run_dir), project="titok-gen"))
         else:
-            raise ValueError(f"logger must be one or a list of {', '.join(LOGGERS)}, got {logger!r}")
+            raise UsageError(f"logger must be one or a list of {', '.join(LOGGERS)}, got {logger!r}")
     return loggers
 
 
@@ -169,7 +171,7 @@ def accumulation_for(*, global_batch: int, batch_size: int, world_size: int) -> 
     ValueError (one line) when it does not divide."""
     per_step = batch_size * world_size
     if global_batch % per_step:
-        raise ValueError(
+        raise UsageError(
             f"trainer.global_batch={global_batch} is not a multiple of batch_size x devices x nodes = "
             f"{batch_size} x {world_size} = {per_step}"
         )

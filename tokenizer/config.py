@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError
 
 QUANTIZERS = ("vq", "fsq", "vae")
@@ -78,16 +79,16 @@ class TiTokConfig:
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {' | '.join(QUANTIZERS)}, got {self.quantizer!r}")
+            raise UsageError(f"quantizer must be one of {' | '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if self.decoder_output not in DECODER_OUTPUTS:
-            raise ValueError(f"decoder_output must be 'proxy_codes', 'rgb' or 'conv', got {self.decoder_output!r}")
+            raise UsageError(f"decoder_output must be 'proxy_codes', 'rgb' or 'conv', got {self.decoder_output!r}")
         set_ = object.__setattr__  # frozen: the canonical form is fixed here, once
         set_(self, "fsq_levels", tuple(int(n) for n in self.fsq_levels))
         set_(self, "pixel_decoder_channel_mult", tuple(int(m) for m in self.pixel_decoder_channel_mult))
         set_(self, "commitment_cost", float(self.commitment_cost))
         if self.quantizer == "fsq":
             if not self.fsq_levels or any(n < 2 for n in self.fsq_levels):
-                raise ValueError(f"quantizer fsq needs fsq_levels, integers >= 2, got {list(self.fsq_levels)}")
+                raise UsageError(f"quantizer fsq needs fsq_levels, integers >= 2, got {list(self.fsq_levels)}")
             size = 1
             for n in self.fsq_levels:
                 size *= n
@@ -96,7 +97,7 @@ class TiTokConfig:
         elif self.quantizer == "vae":
             set_(self, "codebook_size", None)
         elif self.codebook_size is None:
-            raise ValueError("quantizer vq needs a codebook_size")
+            raise UsageError("quantizer vq needs a codebook_size")
         if self.codebook_size is not None:
             set_(self, "codebook_size", int(self.codebook_size))
 

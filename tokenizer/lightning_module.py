@@ -4,15 +4,19 @@ Two recipes, picked by the model's ``decoder_output``:
 
 * ``"rgb"`` or ``"conv"`` (single stage): reconstruction loss (L2 or L1) + the quantiser's
   codebook and commitment (0.25) losses (none for FSQ), plus an image-gradient L1 term when
-  ``gradient_weight > 0``, LPIPS when its weights are given and a hinge PatchGAN loss from
-  ``gan_start_step`` when ``gan_weight > 0``.
+  ``gradient_weight > 0``, the official perceptual loss (``loss.perceptual``: LPIPS, ConvNeXt-S
+  or their mix, :mod:`tokenizer.perceptual`) when ``perceptual_weight > 0``, and a hinge GAN
+  with the official discriminator (:mod:`tokenizer.discriminator`) from ``gan.start_step`` when
+  ``gan.weight > 0``. The official loss module itself (separate discriminator step, LeCAM, the
+  VAE's KL term) is :class:`tokenizer.losses.ReconstructionLoss`.
 * ``"proxy_codes"`` (the official stage 1): cross-entropy of the decoder's logits against the
   codes a frozen MaskGIT-VQGAN assigns to each patch (:mod:`tokenizer.proxy_codes`), plus the
   quantiser losses. The VQGAN decoder is copied in, frozen, so the model renders pixels.
 
 Against codebook collapse: l2-normalised codes and a small code dimension (model config);
-:class:`CodeUsage`, which keeps an EMA of how often each code is picked and, every k steps,
-moves codes that fell out of use onto random recent encoder outputs; and an optional
+:class:`tokenizer.codebook_usage.CodeUsage`, which keeps an EMA of how often each code is
+picked and, every k steps, moves codes that fell out of use onto random recent encoder outputs;
+and an optional
 quantiser warm-up (``quantizer_warmup_steps``: the decoder first sees the continuous latents,
 then every code restarts on a recent latent). Without the warm-up a run can stall where
 every image maps to the same code per position and the decoder learns the mean image.
@@ -26,8 +30,6 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 import logging
-import math
-import os
 
 import lightning as L
 import torch
@@ -36,8 +38,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from tokenizer import build_tokenizer
-from titok_core.checkpoints import CheckpointError, read_state_dict
+from titok_core.errors import UsageError
+from titok_core.checkpoints import CheckpointError
+from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
+from tokenizer.discriminator import NLayerDiscriminator
+from tokenizer.losses import frozen, gradient_loss, hinge_d_loss, reconstruction_loss
 from tokenizer.model import FSQ, VectorQuantizer
+from tokenizer.perceptual import build_perceptual
+from tokenizer.token_prior import TokenPrior
 from titok_core.lr_schedule import warmup_cosine
 from titok_core.metrics import psnr
 from titok_core.trainer import ema_update, param_groups
@@ -46,238 +54,6 @@ log = logging.getLogger(__name__)
 
 # Besides vectors: embeddings, the latent tokens, norms and biases get no weight decay.
 NO_DECAY_KEYS = ("embedding", "latent_tokens", "norm", "bias")
-
-
-# --------------------------------------------------------------------------- metrics
-
-def token_counts(tokens: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """int64 tokens of any shape -> float32 [codebook_size] counts per code."""
-    return torch.bincount(tokens.reshape(-1), minlength=codebook_size).float()
-
-
-def codebook_usage(counts: torch.Tensor) -> float:
-    """Fraction of codes picked at least once: counts [K] -> value in [0, 1]."""
-    return float((counts > 0).float().mean())
-
-
-def codebook_perplexity(counts: torch.Tensor) -> float:
-    """exp(entropy) of the code frequencies: 1 (one code) .. K (uniform use)."""
-    p = counts / counts.sum().clamp(min=1)
-    return float(torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()))
-
-
-# --------------------------------------------------------------------------- dead codes
-
-class CodeUsage(nn.Module):
-    """EMA of code usage plus a ring buffer of recent encoder latents, for dead-code re-init.
-
-    ``usage`` is the EMA of each code's share of the picked tokens (uniform use: 1/K). A code
-    is dead when its share is below ``dead_ratio / K``. Buffers travel in the Lightning
-    checkpoint, so a resumed run continues with the same statistics.
-    """
-
-    def __init__(self, *, codebook_size: int, token_size: int, decay: float = 0.99, dead_ratio: float = 0.03,
-                 buffer_size: int = 4096):
-        super().__init__()
-        self.decay, self.dead_ratio = decay, dead_ratio
-        self.register_buffer("usage", torch.zeros(codebook_size))
-        self.register_buffer("latents", torch.zeros(buffer_size, token_size))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, tokens: torch.Tensor, latents: torch.Tensor) -> None:
-        """tokens int64 [...]; latents float [..., T], the encoder outputs before quantisation."""
-        counts = token_counts(tokens, self.usage.numel())
-        self.usage.mul_(self.decay).add_(counts / counts.sum(), alpha=1 - self.decay)
-        flat = latents.detach().reshape(-1, self.latents.shape[1]).float()[-self.latents.shape[0]:]
-        rows = (self.seen + torch.arange(flat.shape[0], device=flat.device)) % self.latents.shape[0]
-        self.latents[rows] = flat
-        self.seen += flat.shape[0]
-
-    def dead(self) -> torch.Tensor:
-        """bool [K]: codes whose usage share fell below dead_ratio / K."""
-        return self.usage * self.usage.numel() < self.dead_ratio
-
-    @torch.no_grad()
-    def revive(self, codebook: nn.Parameter, *, l2_norm: bool, generator: torch.Generator) -> torch.Tensor:
-        """Overwrite dead rows of ``codebook`` [K,T] with random recent latents; returns their indices.
-
-        With l2-normalised codes the new rows get the codebook's mean row norm, so the
-        optimiser moves them as fast as the others. Revived codes restart at uniform usage.
-        """
-        idx = self.dead().nonzero().flatten()
-        filled = int(min(self.seen, self.latents.shape[0]))
-        if idx.numel() == 0 or filled == 0:
-            return idx[:0]
-        if idx.numel() <= filled:  # distinct latents where there are enough
-            pick = torch.randperm(filled, generator=generator)[: idx.numel()]
-        else:
-            pick = torch.randint(filled, (idx.numel(),), generator=generator)
-        pick = pick.to(self.latents.device)
-        new = self.latents[pick]
-        if l2_norm:
-            new = F.normalize(new, dim=-1) * codebook.norm(dim=-1).mean()
-        codebook[idx] = new.to(codebook.dtype)
-        self.usage[idx] = 1.0 / self.usage.numel()
-        return idx
-
-
-# --------------------------------------------------------------------------- losses
-
-def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean L2 (``"l2"``) or L1 (``"l1"``) distance, in float32."""
-    if kind == "l2":
-        return F.mse_loss(recon.float(), target.float())
-    if kind == "l1":
-        return F.l1_loss(recon.float(), target.float())
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
-
-
-def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean L1 distance between the images' horizontal and vertical pixel differences, in float32.
-
-    The image-gradient difference loss of Mathieu et al. (2016): a blurred edge has small
-    differences where the target has one large one, so L2 alone, which averages over uncertain
-    edge positions, is pushed back towards sharp edges. Needs no pretrained network."""
-    r, t = recon.float(), target.float()
-    dx = F.l1_loss(r[..., :, 1:] - r[..., :, :-1], t[..., :, 1:] - t[..., :, :-1])
-    dy = F.l1_loss(r[..., 1:, :] - r[..., :-1, :], t[..., 1:, :] - t[..., :-1, :])
-    return dx + dy
-
-
-class TokenPrior(nn.Module):
-    """A factorised prior over FSQ digits, for a rate term that makes tokens easy to generate.
-
-    It keeps, per class, token position and FSQ channel, an EMA of how often each level is used
-    and scores the encoder's unrounded latents under it: the rate of an image is the sum over its
-    digits of -log p(level), interpolated linearly between the two levels a latent sits between,
-    so the gradient moves each latent towards the more common of its neighbours. A small rate under
-    a prior that treats every digit as independent (given the class) asks the encoder for codes
-    whose digits carry little shared information, which a generator can learn from few examples.
-    Same idea as the factorised entropy model of learned compression (Balle et al. 2017).
-    """
-
-    def __init__(self, *, levels: list[int], num_tokens: int, num_classes: int = 1, decay: float = 0.995,
-                 smoothing: float = 0.01):
-        super().__init__()
-        lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
-        self.register_buffer("levels", lv, persistent=False)
-        top = int(lv.max())
-        # Levels a channel does not have get no mass.
-        self.register_buffer("valid", torch.arange(top)[None] < lv[:, None], persistent=False)  # (T, Lmax)
-        start = self.valid.float() / lv[:, None]  # uniform; each (class, token, channel) row sums to 1
-        self.register_buffer("counts", start.expand(num_classes, num_tokens, -1, -1).clone())
-        self.decay, self.smoothing = decay, smoothing
-
-    def _rows(self, labels: torch.Tensor) -> torch.Tensor:
-        """The prior's row of each label: the label itself, or row 0 for all when the prior has one."""
-        return labels.long().clamp(max=self.counts.shape[0] - 1)
-
-    def log_probs(self, labels: torch.Tensor) -> torch.Tensor:
-        """int64 [B] -> float32 [B,N,T,Lmax] log-probabilities of each level (-inf where none)."""
-        c = self.counts[self._rows(labels)] + self.smoothing
-        c = c.masked_fill(~self.valid, 0.0)
-        return (c / c.sum(-1, keepdim=True)).log()
-
-    def _weights(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lo = u.detach().floor().clamp(min=0).minimum((self.levels - 2).float()).long()
-        return lo, lo + 1, u - lo
-
-    def forward(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """u: digit positions float [B,N,T] (FSQ.digit_positions); labels int64 [B] -> rate in nats [B,N]."""
-        logp = self.log_probs(labels)
-        lo, hi, f = self._weights(u)
-        lp = (1 - f) * logp.gather(-1, lo[..., None])[..., 0] + f * logp.gather(-1, hi[..., None])[..., 0]
-        return -lp.sum(-1)
-
-    @torch.no_grad()
-    def update(self, u: torch.Tensor, labels: torch.Tensor) -> None:
-        """Move the counts towards the levels of this batch (all ranks' batches: gather first)."""
-        lo, hi, f = self._weights(u.float())
-        add = torch.zeros(*u.shape, self.valid.shape[1], device=u.device)
-        add.scatter_add_(-1, lo[..., None], (1 - f)[..., None]).scatter_add_(-1, hi[..., None], f[..., None])
-        labels = self._rows(labels)
-        batch = torch.zeros_like(self.counts).index_add_(0, labels, add)
-        seen = torch.bincount(labels, minlength=self.counts.shape[0]).float()[:, None, None, None]
-        # Each class decays by the images it got, so rare classes keep their counts.
-        keep = self.decay ** seen
-        self.counts.mul_(keep).add_(batch * (1 - self.decay))
-
-    @torch.no_grad()
-    def code_bits(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Bits per token of the rounded codes under the prior: float32 scalar."""
-        digits = u.round().long()
-        return -self.log_probs(labels).gather(-1, digits[..., None]).sum((-1, -2)).mean() / math.log(2)
-
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN: strided 4x4 convs -> one logit per patch. [B,3,H,W] in [0,1] -> [B,1,h,w]."""
-
-    def __init__(self, *, channels: int = 64, num_layers: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        c = channels
-        for i in range(1, num_layers + 1):
-            out = channels * min(2**i, 8)
-            stride = 2 if i < num_layers else 1
-            layers += [nn.Conv2d(c, out, 4, stride=stride, padding=1), nn.GroupNorm(min(32, out // 4), out),
-                       nn.LeakyReLU(0.2)]
-            c = out
-        layers.append(nn.Conv2d(c, 1, 4, padding=1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images * 2 - 1)
-
-
-class LPIPS(nn.Module):
-    """LPIPS (VGG16, v0.1) from two local files, never downloaded.
-
-    vgg_weights: torchvision's ``vgg16-397923af.pth`` (keys ``features.N.*``);
-    lpips_weights: the lpips package's ``weights/v0.1/vgg.pth`` (keys ``linK.model.1.weight``).
-    forward: two float [B,3,H,W] in [0,1] -> float [B] distances.
-    """
-
-    CUTS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-    CHANNELS = (64, 128, 256, 512, 512)
-
-    def __init__(self, vgg_weights: str | os.PathLike, lpips_weights: str | os.PathLike):
-        super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
-
-        features = make_layers(cfgs["D"])[: self.CUTS[-1]]
-        vgg = {k[len("features."):]: v for k, v in read_state_dict(vgg_weights).items() if k.startswith("features.")}
-        vgg = {k: v for k, v in vgg.items() if int(k.split(".")[0]) < self.CUTS[-1]}
-        features.load_state_dict(vgg, strict=True)
-        starts = (0, *self.CUTS[:-1])
-        self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, self.CUTS))
-        lin = read_state_dict(lpips_weights)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
-        for k, conv in enumerate(self.lins):
-            key = f"lin{k}.model.1.weight"
-            if key not in lin:
-                raise CheckpointError(f"{lpips_weights} is not an LPIPS v0.1 VGG file (no {key})")
-            conv.weight.data.copy_(lin[key])
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = ((torch.cat([a, b]) * 2 - 1) - self.shift) / self.scale
-        total = 0.0
-        for block, lin in zip(self.slices, self.lins):
-            x = block(x)
-            fa, fb = F.normalize(x.float(), dim=1, eps=1e-10).chunk(2)
-            total = total + lin((fa - fb).pow(2)).mean(dim=(1, 2, 3))
-        return total
 
 
 # --------------------------------------------------------------------------- module
@@ -289,12 +65,19 @@ class LpipsConfig:
 
 
 @dataclass(frozen=True)
+class ConvnextConfig:
+    weights: str | None = None  # torchvision convnext_small-0c510722.pth
+
+
+@dataclass(frozen=True)
 class GanConfig:
+    """The official discriminator (tokenizer.discriminator.NLayerDiscriminator) and its hinge loss."""
+
     weight: float = 0.0  # 0: no discriminator
     start_step: int = 20000
     lr: float | None = None  # None: optim.lr
-    channels: int = 64
-    layers: int = 3
+    channels: int = 128  # the discriminator's hidden_channels (a multiple of 32)
+    layers: int = 3  # its num_stages
 
 
 @dataclass(frozen=True)
@@ -306,15 +89,19 @@ class LossConfig:
     rate_weight: float = 0.0
     gradient_weight: float = 0.0
     quantizer_weight: float = 1.0
+    perceptual: str = "lpips"  # lpips | convnext_s | lpips-convnext_s-<w_lpips>-<w_convnext> (official names)
     perceptual_weight: float = 0.0
+    random_weights: bool = False  # the perceptual networks untrained (tests, timings); never a fallback
     lpips: LpipsConfig = LpipsConfig()
+    convnext: ConvnextConfig = ConvnextConfig()
     gan: GanConfig = GanConfig()
 
     @classmethod
     def from_mapping(cls, group: Mapping) -> "LossConfig":
         group = dict(group)
         lpips, gan = LpipsConfig(**dict(group.pop("lpips", {}))), GanConfig(**dict(group.pop("gan", {})))
-        return cls(**group, lpips=lpips, gan=gan)
+        convnext = ConvnextConfig(**dict(group.pop("convnext", {})))
+        return cls(**group, lpips=lpips, convnext=convnext, gan=gan)
 
 
 @dataclass(frozen=True)
@@ -366,19 +153,19 @@ class TiTokModule(L.LightningModule):
         self.proxy = None
         if config.get("decoder_output", "proxy_codes") == "proxy_codes":
             if not vqgan_checkpoint:
-                raise ValueError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
+                raise UsageError("decoder_output 'proxy_codes' is the stage-1 recipe: give a MaskGIT-VQGAN "
                                  "checkpoint (proxy.vqgan_checkpoint), or use decoder_output 'rgb'")
             from tokenizer.proxy_codes import load_maskgit_vqgan
 
             self.proxy, implied, pixel_state = load_maskgit_vqgan(vqgan_checkpoint)
             for key, value in implied.items():
                 if config.setdefault(key, value) != value:
-                    raise ValueError(f"model {key}={config[key]} does not match the VQGAN ({value})")
+                    raise UsageError(f"model {key}={config[key]} does not match the VQGAN ({value})")
         self.model = build_tokenizer(config)
         if self.proxy is not None:
             factor = 2 ** (len(self.proxy.encoder.down) - 1)
             if factor != self.model.config.patch_size:
-                raise ValueError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
+                raise UsageError(f"the VQGAN downsamples by {factor}, the model's patch_size must match")
             missing = self.model.load_state_dict(pixel_state, strict=False)
             if missing.unexpected_keys:
                 raise CheckpointError(f"VQGAN decoder keys not in the model: {missing.unexpected_keys[:3]}")
@@ -401,21 +188,24 @@ class TiTokModule(L.LightningModule):
         self.prior = None
         if lc.rate_weight > 0:
             if not isinstance(q, FSQ) or freeze_encoder:
-                raise ValueError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
+                raise UsageError("loss.rate_weight needs an FSQ tokenizer whose encoder trains (not frozen)")
             self.prior = TokenPrior(levels=q.levels.tolist(), num_tokens=self.model.num_tokens,
                                     num_classes=max(1, rate_classes))
-        self.lpips = None
+        self.perceptual = None
         if lc.perceptual_weight > 0:
-            paths = [p for p in (lc.lpips.vgg_weights, lc.lpips.lpips_weights) if p]
-            if len(paths) == 2 and all(os.path.isfile(p) for p in paths):
-                self.lpips = LPIPS(lc.lpips.vgg_weights, lc.lpips.lpips_weights)
-                log.info("perceptual loss: LPIPS-VGG, weight %g", lc.perceptual_weight)
-            else:
-                log.warning("perceptual loss skipped: LPIPS weights not found (loss.lpips.vgg_weights=%s, "
-                            "loss.lpips.lpips_weights=%s)", lc.lpips.vgg_weights, lc.lpips.lpips_weights)
+            # The pretrained networks, from the given files, the torch hub cache or a download;
+            # offline and missing, one line names the file and its source (tokenizer.perceptual).
+            self.perceptual = build_perceptual(
+                lc.perceptual, vgg_weights=lc.lpips.vgg_weights, lpips_weights=lc.lpips.lpips_weights,
+                convnext_weights=lc.convnext.weights, random_weights=lc.random_weights)
+            log.info("perceptual loss: %s, weight %g%s", lc.perceptual, lc.perceptual_weight,
+                     " (random weights)" if lc.random_weights else "")
         self.discriminator = None
         if lc.gan.weight > 0:
-            self.discriminator = PatchDiscriminator(channels=lc.gan.channels, num_layers=lc.gan.layers)
+            if lc.gan.channels < 32 or lc.gan.channels % 32:
+                raise UsageError(f"loss.gan.channels={lc.gan.channels}: the official discriminator's width must be "
+                                 "a multiple of 32 (GroupNorm(32)); its default is 128")
+            self.discriminator = NLayerDiscriminator(hidden_channels=lc.gan.channels, num_stages=lc.gan.layers)
         self._last_step = -1
         self._val_counts: torch.Tensor | None = None
         self.val_preview: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, recon) [8,3,H,W]
@@ -461,17 +251,17 @@ class TiTokModule(L.LightningModule):
                 edge = gradient_loss(out, images)
                 loss = loss + self.loss_cfg.gradient_weight * edge
                 logs["train/gradient_loss"] = edge
-            if self.lpips is not None:
-                p = self.lpips(images, out).mean()
+            if self.perceptual is not None:
+                with torch.autocast(images.device.type, enabled=False):  # float32, as the official loss
+                    p = self.perceptual(images.float(), out.float()).mean()
                 loss = loss + self.loss_cfg.perceptual_weight * p
                 logs["train/perceptual_loss"] = p
             if self.discriminator is not None:
                 # Generator and discriminator share one backward: the discriminator is frozen
                 # while it scores the generator's output and sees only detached images itself.
                 factor = 1.0 if self.global_step >= self.loss_cfg.gan.start_step else 0.0
-                self.discriminator.requires_grad_(False)
-                g_loss = -self.discriminator(out.float()).mean()
-                self.discriminator.requires_grad_(True)
+                with frozen(self.discriminator):
+                    g_loss = -self.discriminator(out.float()).mean()
                 d_loss = hinge_d_loss(self.discriminator(images.float()), self.discriminator(out.detach().float()))
                 loss = loss + factor * (self.loss_cfg.gan.weight * g_loss + d_loss)
                 logs.update({"train/g_loss": g_loss, "train/d_loss": d_loss})
@@ -564,8 +354,8 @@ class TiTokModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # Frozen helpers loaded from their own files (LPIPS, the VQGAN) stay out of checkpoints.
-    _FROZEN = ("lpips.", "proxy.")
+    # Frozen helpers loaded from their own files (the perceptual networks, the VQGAN) stay out of checkpoints.
+    _FROZEN = ("perceptual.", "proxy.")
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self._FROZEN)}

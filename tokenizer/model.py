@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from tokenizer import official
+from titok_core.errors import UsageError
 from tokenizer.config import TiTokConfig
 
 
@@ -26,7 +27,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -64,7 +65,7 @@ class ConvStem(nn.Sequential):
     def __init__(self, *, patch_size: int, width: int):
         n = patch_size.bit_length() - 1
         if 2**n != patch_size or n < 1:
-            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
+            raise UsageError(f"a conv stem needs a power-of-two patch size >= 2, got {patch_size}")
         chans = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]  # ..., width/4, width/2, width
         layers: list[nn.Module] = []
         for i in range(n):
@@ -103,7 +104,7 @@ def sincos_grid(grid_size: int, width: int) -> torch.Tensor:
     """2D sine-cosine position codes (as MAE's) for a ``grid_size`` x ``grid_size`` patch grid:
     float [G*G, width], row-major; half the channels code the row, half the column."""
     if width % 4:
-        raise ValueError(f"sin-cos position codes need a width divisible by 4, got {width}")
+        raise UsageError(f"sin-cos position codes need a width divisible by 4, got {width}")
     freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * freqs  # (G, D/4)
     axis = torch.cat([pos.sin(), pos.cos()], dim=1)  # (G, D/2)
@@ -253,24 +254,73 @@ class VectorQuantizer(nn.Module):
         """int64 [...] -> float32 [..., T] code vectors."""
         return F.embedding(tokens, self.codebook())
 
+    def distances(self, flat: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared distances of latents float [M,T] to every code: float32 [M,K] (normalised
+        latents and codes when ``use_l2_norm``; ``codes`` = :meth:`codebook` when not given).
+
+        The expanded form ``|z|^2 + |e|^2 - 2 z.e``, the official formula, so argmin ties break
+        identically."""
+        flat = flat.float()
+        if self.use_l2_norm:
+            flat = F.normalize(flat, dim=-1)
+        codes = self.codebook() if codes is None else codes
+        return flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.T
+
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         z = z.float()
-        flat = z.reshape(-1, z.shape[-1])  # (B*N, T)
         codes = self.codebook()
-        if self.use_l2_norm:
-            flat = F.normalize(flat, dim=-1)
-            z = F.normalize(z, dim=-1)
-        # The expanded squared distance, the same formula as the official code, so argmin
-        # ties break identically.
-        d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.T
+        d = self.distances(z.reshape(-1, z.shape[-1]), codes)  # (B*N, K)
         tokens = d.argmin(dim=1).view(z.shape[:-1])  # (B, N)
+        if self.use_l2_norm:
+            z = F.normalize(z, dim=-1)
         z_q = F.embedding(tokens, codes)
         commitment = self.commitment_cost * torch.mean((z_q.detach() - z) ** 2)
         codebook = torch.mean((z_q - z.detach()) ** 2)
         losses = {"quantizer_loss": commitment + codebook, "commitment_loss": commitment, "codebook_loss": codebook}
         return z + (z_q - z).detach(), tokens, losses
+
+
+class ClusteringVQ(nn.Module):
+    """The official clustering VQ (``clustering_vq``, the VQ-8k single-stage recipe): a training-time
+    codebook update that pulls every rarely used code onto the latent nearest to it.
+
+    Keeps ``embed_prob`` [K], an EMA (decay ``official.CLUSTERING_DECAY``) of each code's share of
+    the tokens. :meth:`update` then moves each code e_k towards the unnormalised latent z* that is
+    nearest to it in the quantiser's distance: ``e_k <- e_k (1 - w_k) + z* w_k`` with
+    ``w_k = official.clustering_replace_weight`` (~1 for an unused code, ~0 for a used one).
+    The buffer is the training state (it travels in a training checkpoint), never part of the
+    tokenizer's weights.
+
+    Order: the official quantiser updates the codebook inside every training forward, after the
+    forward's codes were picked; gradients do not depend on the codebook's new values. Call
+    :meth:`update` once per forward (per micro-batch with accumulation), after its backward and
+    before the optimiser step: that gives the official numbers. With several processes give it
+    every process's latents (gathered, in rank order), as the official code gathers them.
+    """
+
+    def __init__(self, codebook_size: int, *, decay: float = official.CLUSTERING_DECAY):
+        super().__init__()
+        self.codebook_size, self.decay = codebook_size, decay
+        self.register_buffer("embed_prob", torch.zeros(codebook_size))
+
+    @torch.no_grad()
+    def update(self, quantizer: "VectorQuantizer", latents: torch.Tensor) -> torch.Tensor:
+        """latents: the encoder's outputs float [..., T] before quantisation (all processes').
+        Updates ``embed_prob`` and ``quantizer.embedding.weight`` in place; returns the replacement
+        weights float32 [K]."""
+        flat = latents.detach().reshape(-1, latents.shape[-1]).float()  # (M, T)
+        d = quantizer.distances(flat)  # (M, K)
+        tokens = d.argmin(dim=1)
+        # The official mean of one-hot rows; as counts / M it needs no [M, K] matrix (same values on CPU).
+        share = torch.bincount(tokens, minlength=self.codebook_size).float() / flat.shape[0]
+        self.embed_prob.mul_(self.decay).add_(share, alpha=1 - self.decay)
+        nearest = flat[d.argmin(dim=0)]  # (K, T): for each code, the latent nearest to it
+        w = official.clustering_replace_weight(self.embed_prob, self.codebook_size)[:, None]
+        weight = quantizer.embedding.weight
+        weight.copy_(weight * (1 - w) + nearest.to(weight.dtype) * w)
+        return w[:, 0]
 
 
 class FSQ(nn.Module):
@@ -287,7 +337,7 @@ class FSQ(nn.Module):
     def __init__(self, *, levels: tuple[int, ...] | list[int]):
         super().__init__()
         if not levels or any(int(n) < 2 for n in levels):
-            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+            raise UsageError(f"FSQ levels must be integers >= 2, got {list(levels)}")
         lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
@@ -468,7 +518,7 @@ class TiTok(nn.Module):
         elif c.decoder_output == "conv":
             factor = 2 ** (len(c.pixel_decoder_channel_mult) - 1) * c.pixel_decoder_out_upscale
             if factor != c.patch_size:
-                raise ValueError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
+                raise UsageError(f"the conv pixel decoder upsamples by {factor} (2^(levels-1) x out_upscale), "
                                  f"but patch_size is {c.patch_size}")
             self.pixel_decoder = PixelDecoder(
                 hidden_channels=c.pixel_decoder_hidden_channels, channel_mult=c.pixel_decoder_channel_mult,

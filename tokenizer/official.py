@@ -23,12 +23,48 @@ in ``tests/test_tokenizer_parity.py``:
 The single-stage VQ tokenizers (``*_vq8k``) need no quirk of their own: they are the
 non-legacy layout (a per-token output projection, an RGB decoder head) with an 8192 x 64
 codebook that is not l2-normalised.
+
+Training (official ``modeling/modules/losses.py``, ``discriminator.py``, ``perceptual_loss.py``,
+``lpips.py`` and the quantiser's ``clustering_vq``), pinned by ``tests/test_training_parity.py``
+on the golden outputs of tests/fixtures/official_tiny/{discriminator,perceptual,losses,clustering_vq}:
+
+* ``same_padding`` — the discriminator's convolutions pad as TensorFlow's "SAME" (the smaller
+  half before, the larger after); its ``BlurBlock`` pads as if its kernel had 4 taps
+  (``BLUR_PAD_TAPS``) whatever its size, then filters with stride 2.
+* ``DISCRIMINATOR_GRID`` — the discriminator max-pools its features to 16 x 16 whatever the
+  image size (small maps are repeated up), so its logits are [B,1,16,16]; it sees images in
+  [0, 1] as they are (no rescaling to [-1, 1]).
+* The generator's adversarial weight is plain (``ReconstructionLoss.generator_loss``):
+  ``discriminator_weight`` times ``discriminator_factor`` from ``discriminator_start`` on, 0
+  before; no adaptive weight (the ratio of last-layer gradients of taming-transformers) is
+  computed, although the loss reports a ``d_weight`` (= ``discriminator_weight``).
+* The discriminator's loss is ``factor * hinge + lecam_weight * lecam``: LeCAM is not gated by the
+  factor (the official loop calls the discriminator side only from ``discriminator_start``). LeCAM
+  (``lecam_loss``) compares this step's mean logits with the EMAs *before* they move; the EMAs
+  (``LECAM_EMA_DECAY`` = 0.999) start at 0 and follow the mean real and fake logits.
+* The reconstruction term is reported already weighted; the VAE divides it by ``exp(logvar)``,
+  a fixed (untrained) scalar ``logvar_init`` (0); ``gaussian_kl`` sums the KL over channels and
+  tokens and divides by the batch size.
+* The perceptual loss (``perceptual_mix``): ``lpips``, ``convnext_s`` or
+  ``lpips-convnext_s-<a>-<b>`` = (a * LPIPS + b * ConvNeXt) / (a + b); LPIPS sees ``2x - 1``
+  shifted and scaled by ``LPIPS_SHIFT`` / ``LPIPS_SCALE`` at the image's own size, normalises
+  each feature vector by ``lpips_normalize`` (eps added to the norm) and returns [B,1,1,1];
+  ConvNeXt-S sees the images resized by ``convnext_resize`` (bilinear, antialiased, to 224 x 224
+  whatever the aspect) and normalised with the ImageNet mean and std, and its loss is the mean
+  squared difference of the 1000 class logits.
+* ``clustering_replace_weight`` — the clustering VQ (``clustering_vq``, VQ-8k): an EMA
+  (``CLUSTERING_DECAY`` = 0.99) of each code's share of the batch's tokens, and every code moves
+  towards the latent nearest to it (the unnormalised latent) by ``exp(-share * K * 10 / (1 - 0.99) - 1e-3)``:
+  almost all the way for an unused code, not at all for a used one. It runs on every training
+  forward, after the codes of that forward were picked.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from titok_core.checkpoints import CheckpointError
@@ -176,3 +212,100 @@ def state_dict_from_official(state_dict: dict[str, torch.Tensor], config: dict) 
             raise CheckpointError(f"two official keys map to {new}")
         out[new] = value
     return out
+
+
+# --------------------------------------------------------------------------- training quirks
+
+DISCRIMINATOR_GRID = 16  # AdaptiveMaxPool2d((16, 16)) before the discriminator's logits
+BLUR_KERNELS = {3: (1, 2, 1), 4: (1, 3, 3, 1), 5: (1, 4, 6, 4, 1)}  # blur_kernel_size -> binomial taps
+BLUR_PAD_TAPS = 4  # BlurBlock pads for a 4-tap, stride-2 filter whatever its kernel size
+LECAM_EMA_DECAY = 0.999
+CLUSTERING_DECAY = 0.99
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+LPIPS_EPS = 1e-10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONVNEXT_SIZE = 224
+PERCEPTUAL_NAMES = ("lpips", "convnext_s", "lpips-convnext_s-<w_lpips>-<w_convnext>")
+
+
+def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow "SAME" padding of one axis: (before, after), the larger half after.
+
+    Official ``Conv2dSame.calc_same_pad``: ``max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)``.
+    """
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def lecam_loss(real_mean: torch.Tensor, fake_mean: torch.Tensor, ema_real: torch.Tensor,
+               ema_fake: torch.Tensor) -> torch.Tensor:
+    """LeCAM regularisation (Tseng et al. 2021) as the official ``compute_lecam_loss``, unweighted.
+
+    real_mean, fake_mean: float32 scalars, this step's mean logits; ema_real, ema_fake: float32
+    [1], their EMAs before this step's update -> float32 scalar >= 0:
+    ``mean(relu(real_mean - ema_fake)^2) + mean(relu(ema_real - fake_mean)^2)``.
+    """
+    loss = torch.mean(torch.pow(torch.relu(real_mean - ema_fake), 2))
+    return loss + torch.mean(torch.pow(torch.relu(ema_real - fake_mean), 2))
+
+
+def gaussian_kl(params: torch.Tensor) -> torch.Tensor:
+    """The VAE's KL term against N(0, 1) as the official loss takes it: params float [B,N,2T]
+    (the encoder's mean and log-variance per token) -> float32 scalar.
+
+    Official: ``DiagonalGaussianDistribution.kl()`` (``0.5 * sum(mean^2 + var - 1 - logvar)`` over
+    the channels and the token axis, with the log-variance clamped to ``LOGVAR_RANGE`` and
+    ``var = exp(logvar)``), then ``sum(kl) / batch``.
+    """
+    with torch.autocast(params.device.type, enabled=False):
+        mean, logvar = params.float().chunk(2, dim=-1)
+        logvar = logvar.clamp(*LOGVAR_RANGE)
+        kl = 0.5 * torch.sum(mean.pow(2) + torch.exp(logvar) - 1.0 - logvar, dim=(1, 2))  # (B,)
+        return kl.sum() / kl.shape[0]
+
+
+def lpips_normalize(x: torch.Tensor) -> torch.Tensor:
+    """LPIPS's unit-length features: float [B,C,H,W] -> x / (||x||_C + 1e-10) (eps added, not a floor)."""
+    return x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + LPIPS_EPS)
+
+
+def convnext_resize(images: torch.Tensor) -> torch.Tensor:
+    """The ConvNeXt perceptual loss's input size: float [B,3,H,W] -> [B,3,224,224], bilinear with
+    antialiasing (align_corners False), the aspect ratio not kept."""
+    return F.interpolate(images, size=CONVNEXT_SIZE, mode="bilinear", align_corners=False, antialias=True)
+
+
+def perceptual_mix(name: str) -> tuple[float | None, float | None]:
+    """An official perceptual loss name -> (LPIPS weight, ConvNeXt weight); None: that network is
+    not used. ``"lpips"`` -> (1, None), ``"convnext_s"`` -> (None, 1),
+    ``"lpips-convnext_s-1.0-0.1"`` -> (1.0, 0.1); the loss is the weighted mean of the two.
+
+    Raises ValueError (one line) for any other name.
+    """
+    has_lpips, has_convnext = "lpips" in name, "convnext_s" in name
+    if has_lpips and has_convnext:
+        parts = name.split("-")
+        try:
+            a, b = float(parts[-2]), float(parts[-1])
+        except (ValueError, IndexError):
+            a = b = None
+        if a is None or name != f"lpips-convnext_s-{parts[-2]}-{parts[-1]}" or a < 0 or b < 0 or a + b <= 0:
+            raise ValueError(f"perceptual loss {name!r}: the mix is spelled lpips-convnext_s-<w_lpips>-<w_convnext>, "
+                             "e.g. lpips-convnext_s-1.0-0.1")
+        return a, b
+    if name == "lpips":
+        return 1.0, None
+    if name == "convnext_s":
+        return None, 1.0
+    raise ValueError(f"unknown perceptual loss {name!r}; known: {', '.join(PERCEPTUAL_NAMES)}")
+
+
+def clustering_replace_weight(embed_prob: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How far each code moves onto its nearest latent in the clustering VQ: float32 [K] in (0, 1).
+
+    Official: ``exp(-(embed_prob * K * 10) / (1 - decay) - 1e-3)`` with decay 0.99, i.e. about
+    0.999 for a code nobody picks and ~0 for one picked at the uniform rate 1/K or more.
+    """
+    return torch.exp(-(embed_prob * codebook_size * 10) / (1 - CLUSTERING_DECAY) - 1e-3)

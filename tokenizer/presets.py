@@ -14,6 +14,8 @@ The official configs are ``configs/infer/TiTok/<preset>.yaml`` in the official r
 """
 from __future__ import annotations
 
+from titok_core.errors import UsageError
+from tokenizer.config import check_keys
 from tokenizer.official import VIT_SIZES
 
 
@@ -48,7 +50,7 @@ def titok_small(image_size: int = 64) -> dict:
     positions start as 2D sin-cos codes (+0.3 dB at 400 steps).
     """
     if image_size not in (16, 32, 64):
-        raise ValueError(f"the small TiTok takes 16, 32 or 64 pixel images, got {image_size}")
+        raise UsageError(f"the small TiTok takes 16, 32 or 64 pixel images, got {image_size}")
     patch = image_size // 8
     levels = patch.bit_length() - 1  # conv upsamplings: patch = 2^levels, the last one sub-pixel
     return {
@@ -112,3 +114,31 @@ RELEASED_FILES = {
     "titok_bl128_vae_c16": "titok_bl128_vae_c16.bin",
 }
 IN_BIN_REPO = frozenset({"titok_l32", "titok_b64", "titok_s128"})
+
+
+def resolve_model(model: dict, *, image_side: int | None = None) -> dict:
+    """The ``model`` group of tokenizer.train, ``{preset: name, **overrides}`` (``model.preset=<name>``
+    plus ``model.<field>`` overrides, or plain TiTokConfig fields) -> our TiTok config (a dict of them).
+
+    Keys set to None keep the preset's value (or TiTokConfig's default without a preset).
+    ``image_size: auto`` (preset titok_small only) sizes the model for images whose shorter
+    side is ``image_side`` pixels (16, 32 or 64; see :func:`tokenizer.presets.small_image_size`).
+    An old key name (``num_latent_tokens``, ``quantize_mode``) or an unknown key fails with one line.
+    """
+    check_keys({k: v for k, v in model.items() if k != "preset"}, what="tokenizer model")
+    config = {k: v for k, v in model.items() if v is not None}
+    preset = config.pop("preset", None)
+    if config.get("image_size") == "auto":
+        if preset != "titok_small":
+            raise UsageError("model.image_size=auto needs model.preset=titok_small")
+        if image_side is None:
+            raise UsageError("model.image_size=auto needs the size of the training images")
+        config.pop("image_size")
+        return {**titok_small(small_image_size(image_side)), **config}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown tokenizer preset {preset!r}; known: {', '.join(PRESETS)}")
+        config = {**PRESETS[preset], **config}
+    if config.get("quantizer") == "vae":
+        raise UsageError("tokenizer training is implemented for VQ tokenizers only (quantizer vq or fsq), not quantizer=vae")
+    return config

@@ -15,11 +15,12 @@ from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from tokenizer import load_tokenizer
+from titok_core.errors import MissingFileError, exit_on_user_error
 from titok_core.data import list_images, load_image_rgb, preprocess
-from titok_core.cli import hydra_entry
+from titok_core.cli import Ranges, hydra_entry
 from titok_core.images import save_png
 from titok_core.metrics import psnr
-from titok_core.runtime import autocast, exit_on_user_error, pick_device
+from titok_core.runtime import autocast, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def reconstruct(
     tok = load_tokenizer(tokenizer, checkpoint).to(dev)
     paths = list_images(inputs)
     if not paths:
-        raise FileNotFoundError(f"no images found in {inputs}")
+        raise MissingFileError(f"no images found in {inputs}")
     out = Path(out_dir)
     records, skipped, used = [], 0, set()
     for start in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch", disable=None):
@@ -71,7 +72,7 @@ def reconstruct(
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
     if not records:
-        raise FileNotFoundError(f"none of the {len(paths)} file(s) in {inputs} could be read as an image")
+        raise MissingFileError(f"none of the {len(paths)} file(s) in {inputs} could be read as an image")
     return records
 
 
@@ -94,6 +95,7 @@ def _main(cfg: DictConfig) -> None:
 
 main = hydra_entry(config="tokenizer/reconstruct", description=__doc__,
                    renamed={"checkpoint": "tokenizer.checkpoint"}, scalar_groups={"tokenizer": "tokenizer.spec"},
+                   ranges=Ranges(at_least_one=("batch_size",)),
                    on_interrupt="interrupted: the PNGs written so far are complete")(_main)
 
 

@@ -1,13 +1,20 @@
-"""A small CNN classifier for the demo domain: class accuracy and a feature-space FID.
+"""The dataset's own judges: a small CNN classifier trained on its images (class accuracy, a
+feature-space FID), and which images it holds out for judging.
 
-The demo data (procedural 64x64 shapes in 10 classes, ``<root>/train/<class>/*.png`` and
-``<root>/val/<class>/*.png``) is far from ImageNet, so Inception FID says little there. The
-demo reports instead how often a generated image is recognised as its class, and the Frechet
-distance between this CNN's features of real and generated images. That number is labelled
-``DEMO_FID_LABEL`` wherever it is shown: it is not comparable with any Inception FID.
+A small or unusual dataset (the demo's procedural shapes, digits, a user's own 10 classes) is far
+from ImageNet, so Inception FID says little there. Its judges are instead how often a generated
+image is recognised as its class, and the Frechet distance between this CNN's features of real
+held-out and generated images. That number is labelled ``DEMO_FID_LABEL`` wherever it is shown:
+it is not comparable with any Inception FID. ``eval.gfid mode=demo`` reports them, and
+``generator.fit_sampling`` picks sampling settings with them.
+
+The data is an image folder, ``<root>/train/<class>/*`` and, when present, ``<root>/val/<class>/*``.
+Judging uses held-out images (:func:`judge_files`): the val split, or, when there is none, a fixed
+``HELDOUT_FRACTION`` of each train class, which the classifiers then never train on.
 
 The classifier trains once on the CPU (a fixed number of steps, about a minute) and is cached
-in a file keyed by the dataset (path, file names and sizes), the seed and the hyperparameters.
+in a file keyed by the dataset (path, file names and sizes, the held-out rule), the seed and the
+hyperparameters.
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from eval.fidelity import features_to_stats, fid_from_stats, list_image_files
+from titok_core.errors import MissingFileError, UsageError
 from titok_core.checkpoints import CheckpointError, read_model_file, save_model_file
+from titok_core.data import list_image_files
+from titok_core.metrics import features_to_stats, fid_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +168,20 @@ def class_names(root: str | os.PathLike, split: str = "train") -> list[str]:
     split_dir = Path(root) / split
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
     if not names:
-        raise FileNotFoundError(f"no class folders in {split_dir} (expected <root>/{split}/<class>/*.png)")
+        raise MissingFileError(f"no class folders in {split_dir} (expected <root>/{split}/<class>/*.png)")
     return names
+
+
+def _read_images(files: list[Path], resolution: int) -> torch.Tensor:
+    """Image files -> uint8 [N,3,R,R] (RGB; bilinear resize when an image is not R x R)."""
+    images = []
+    for path in files:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), resample=Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(images) if images else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
 
 
 def load_split(
@@ -171,18 +192,69 @@ def load_split(
     Minimal local reading (bilinear resize when an image is not R x R); the demo set is small.
     """
     classes = classes or class_names(root, split)
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
-        for path in list_image_files(Path(root) / split / name):
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (resolution, resolution):
-                    im = im.resize((resolution, resolution), resample=Image.BILINEAR)
-                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
-        raise FileNotFoundError(f"no images under {Path(root) / split}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        found = list_image_files(Path(root) / split / name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise MissingFileError(f"no images under {Path(root) / split}")
+    return _read_images(files, resolution), torch.tensor(labels, dtype=torch.int64)
+
+
+# Without <root>/val, the judges hold out this share of every class of <root>/train (a fixed seeded
+# choice of files, the same on every run and machine) and never train on it.
+HELDOUT_FRACTION = 0.1
+HELDOUT_SEED = 0
+
+
+def has_val_split(root: str | os.PathLike) -> bool:
+    """Whether ``<root>/val`` holds at least one image (then it is the judges' held-out split)."""
+    return (Path(root) / "val").is_dir() and bool(list_image_files(Path(root) / "val"))
+
+
+def judge_files(root: str | os.PathLike, classes: list[str] | None = None) -> dict:
+    """The judges' split of ``root``: which files they train on and which are held out.
+
+    ``<root>/val`` when it has images; else, per class of ``<root>/train``, ``HELDOUT_FRACTION`` of
+    the files (at least one; a seeded permutation of the sorted names, so the same files on every
+    run) are held out and excluded from the judges' training. Returns {"train": [(path, label)],
+    "heldout": [(path, label)], "heldout_from": "val" | "train", "classes": [...]}. A class of
+    ``train/`` with fewer than 2 images and no ``val/`` is a user's error (UsageError, at once).
+    """
+    classes = classes or class_names(root)
+    train = [[(p, label) for p in list_image_files(Path(root) / "train" / name)] for label, name in enumerate(classes)]
+    if has_val_split(root):
+        heldout = [(p, label) for label, name in enumerate(classes) for p in list_image_files(Path(root) / "val" / name)]
+        return {"train": [f for c in train for f in c], "heldout": heldout, "heldout_from": "val", "classes": classes}
+    kept, heldout = [], []
+    for name, files in zip(classes, train):
+        if len(files) < 2:
+            raise UsageError(f"{Path(root) / 'train' / name} has {len(files)} image(s) and {root} has no val/: "
+                             "the judges need at least 2 a class to hold one out (or add <root>/val/<class>/*)")
+        n = max(1, round(HELDOUT_FRACTION * len(files)))
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(HELDOUT_SEED)).tolist()
+        held = set(order[:n])
+        heldout += [f for i, f in enumerate(files) if i in held]
+        kept += [f for i, f in enumerate(files) if i not in held]
+    return {"train": kept, "heldout": heldout, "heldout_from": "train", "classes": classes}
+
+
+def heldout_description(split: dict) -> str:
+    """One line saying which images the judges hold out (for the printed summary and the JSON)."""
+    n = len(split["heldout"])
+    if split["heldout_from"] == "val":
+        return f"held out: the {n} images of val/"
+    return (f"held out: {n} images of train/ ({HELDOUT_FRACTION:.0%} of each class, fixed; no val/), "
+            "excluded from the judges' training")
+
+
+def load_judge_part(split: dict, part: str, *, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``part`` ("train" | "heldout") of a :func:`judge_files` split: (uint8 [N,3,R,R], labels int64 [N])."""
+    files = split[part]
+    if not files:
+        raise MissingFileError(f"no {part} images for the judges")
+    return _read_images([f for f, _ in files], resolution), torch.tensor([y for _, y in files], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- training and cache
@@ -203,14 +275,16 @@ def train_demo_classifier(
     colour_blind: bool = False,
     device: str = "cpu",
 ) -> DemoClassifier:
-    """Train a DemoCNN on ``<root>/train`` for ``steps`` Adam steps; reports ``<root>/val`` accuracy when present.
+    """Train a DemoCNN on the judges' training part of ``root`` (:func:`judge_files`: ``<root>/train``, less
+    the held-out share when there is no ``<root>/val``) for ``steps`` Adam steps; reports the held-out accuracy.
 
     ``colour_blind``: every training batch goes through :func:`colour_blind` with fresh random
     maps, and so does every image it classifies later: it must tell the classes by shape alone.
     Deterministic for a seed on one device and thread count; leaves the global RNG untouched.
     """
-    classes = class_names(root)
-    images, labels = load_split(root, "train", resolution=resolution, classes=classes)
+    split = judge_files(root)
+    classes = split["classes"]
+    images, labels = load_judge_part(split, "train", resolution=resolution)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DemoCNN(num_classes=len(classes), width=width).to(device)
@@ -238,10 +312,10 @@ def train_demo_classifier(
     config = {"classes": classes, "resolution": resolution, "width": width, "seed": seed, "steps": steps,
               "batch_size": batch_size, "lr": lr, "root": str(Path(root).resolve()), "colour_blind": colour_blind}
     classifier = DemoClassifier(net, classes=classes, resolution=resolution, config=config)
-    if (Path(root) / "val").is_dir():
-        val_images, val_labels = load_split(root, "val", resolution=resolution, classes=classes)
-        config["val_accuracy"] = classifier.class_accuracy(val_images.float() / 255, val_labels)
-        log.info("demo classifier val accuracy %.4f", config["val_accuracy"])
+    config["heldout_from"] = split["heldout_from"]
+    val_images, val_labels = load_judge_part(split, "heldout", resolution=resolution)
+    config["val_accuracy"] = classifier.class_accuracy(val_images.float() / 255, val_labels)
+    log.info("demo classifier held-out accuracy %.4f (%s)", config["val_accuracy"], heldout_description(split))
     return classifier
 
 
@@ -258,10 +332,13 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(root: str | os.PathLike, **hparams) -> str:
-    """A short hash of the dataset (resolved path, train file names and sizes) and the hyperparameters."""
+    """A short hash of the dataset (resolved path, train file names and sizes, whether val/ is the held-out
+    split) and the hyperparameters."""
     root = Path(root).resolve()
     files = [(str(p.relative_to(root)), p.stat().st_size) for p in list_image_files(root / "train")]
-    blob = json.dumps({"root": str(root), "files": files, **hparams}, sort_keys=True)
+    heldout = "val" if has_val_split(root) else f"train {HELDOUT_FRACTION} seed {HELDOUT_SEED}"
+    blob = json.dumps({"root": str(root), "files": files, **hparams, **({} if heldout == "val" else {"heldout": heldout})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
