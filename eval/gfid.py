@@ -111,15 +111,6 @@ def summary(result: dict) -> str:
 
 
 def _main(cfg: DictConfig) -> None:
-    from titok_core.quiet import quiet_libraries
-    from titok_core.stopping import stop_cleanly
-
-    quiet_libraries()
-    with stop_cleanly():  # Ctrl-C: 130; SIGTERM: the state of the batches done is saved, 143
-        _evaluate(cfg)
-
-
-def _evaluate(cfg: DictConfig) -> None:
     with exit_on_user_error():
         try:
             result = run(cfg)

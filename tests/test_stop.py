@@ -161,8 +161,6 @@ def _new_checkpoint(last: Path):
     return lambda: stat() not in (None, before)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the training skeleton: tokenizer.train and generator.train call "
-                                       "titok_core.stopping.fit around trainer.fit, inside stop_cleanly")
 @pytest.mark.parametrize("module", ["tokenizer.train", "generator.train"])
 def test_the_trainers_stop_cleanly(tmp_path, module):
     args = _trainer_args(module, tmp_path)

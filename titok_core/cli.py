@@ -294,7 +294,8 @@ def hydra_entry(
     """Decorate ``task(cfg)`` as the ``main()`` of an entry point whose config is ``conf/<config>.yaml``.
 
     description: the module's docstring (printed by --help). renamed / scalar_groups / ranges: see
-    :func:`check_command_line`. on_interrupt: the line printed on Ctrl-C (exit 130). The returned
+    :func:`check_command_line`. on_interrupt: the line printed when Ctrl-C (exit 130) or SIGTERM
+    (exit 143) stops the task (see :func:`titok_core.stopping.stop_cleanly`). The returned
     ``main`` carries ``main.task`` (the task), ``main.check(argv)`` (the checks it runs on a
     command line, returning the composed config) and ``main.ranges``, for tests.
     """
@@ -310,11 +311,10 @@ def hydra_entry(
     def decorate(task: Callable) -> Callable[[], None]:
         @functools.wraps(task)
         def guarded(cfg) -> None:
-            try:
+            from titok_core.stopping import stop_cleanly
+
+            with stop_cleanly(on_interrupt):
                 task(cfg)
-            except KeyboardInterrupt:
-                print(on_interrupt, file=sys.stderr)
-                sys.exit(130)
 
         hydra_main = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(guarded)
 
@@ -333,6 +333,9 @@ def hydra_entry(
                 except KeyboardInterrupt:
                     print("interrupted", file=sys.stderr)
                     sys.exit(130)
+            from titok_core.quiet import quiet_libraries
+
+            quiet_libraries()
             try:
                 hydra_main()
             except KeyboardInterrupt:

@@ -10,10 +10,11 @@ finishes the shard in hand. The same command resumes from there.
 * **SIGTERM** (``kill``, ``timeout``, job schedulers; SLURM before the time limit with
   ``#SBATCH --signal=TERM@120``): exit 143.
 
-Outside such a loop (loading models, building a dataset) both stop at once. An entry point runs
-its work inside :func:`stop_cleanly` (the handlers, the one line, the exit code); a loop marks its
-safe points with :func:`at_safe_points` / :func:`stop_point`; training calls :func:`fit` instead of
-``trainer.fit``::
+Outside such a loop (loading models, building a dataset) both stop at once. Every entry point runs
+its work inside :func:`stop_cleanly` (the handlers, the one line, the exit code;
+``titok_core.cli.hydra_entry`` does it); a loop marks its safe points with :func:`at_safe_points` /
+:func:`stop_point`; training calls :func:`fit` instead of ``trainer.fit`` (``titok_core.training.fit``
+does it)::
 
     with stop_cleanly():                                  # in the entry point
         ...
@@ -48,9 +49,10 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from titok_core.cli import RESUME_HINT
+
 log = logging.getLogger(__name__)
 
-RESUME_HINT = "interrupted: run the same command to resume"
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a job ended by Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 FINISHING = "stopping after the step in hand (Ctrl-C again stops at once)"

@@ -9,15 +9,6 @@ from titok_core.cli import Ranges, hydra_entry
 def _main(cfg) -> None:
     """``python -m generator.cache``: tokenize a dataset (any format of titok_core.formats), across
     GPUs/processes with Lightning Fabric."""
-    from titok_core.quiet import quiet_libraries
-    from titok_core.stopping import stop_cleanly
-
-    quiet_libraries()
-    with stop_cleanly(INTERRUPTED):
-        _build(cfg)
-
-
-def _build(cfg) -> None:
     from lightning import Fabric
 
     from generator.cache.build import open_cache
