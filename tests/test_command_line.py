@@ -141,6 +141,43 @@ def test_value_out_of_range(config, argv, message):
         check(config, *COMPLETE[config], *argv)
 
 
+@pytest.mark.parametrize("config", ["generator/train", "tokenizer/train", "generator/cache"])
+def test_an_unknown_experiment_lists_the_experiments(config):
+    argv = [a for a in COMPLETE[config] if not a.startswith("experiment=")]
+    with pytest.raises(UsageError) as err:
+        check(config, "experiment=smal", *argv)
+    known = sorted(p.stem for p in (CONF / config.split("/")[0] / "experiment").glob("*.yaml"))
+    assert "small" in known and str(err.value) == (
+        f"experiment=smal: no such experiment (did you mean small?); the experiments are: {', '.join(known)}")
+
+
+@pytest.mark.parametrize("config", ["generator/train", "tokenizer/train"])
+def test_max_time_in_another_format_names_the_format(config):
+    with pytest.raises(UsageError, match=r"^trainer\.max_time=5min: write days:hours:minutes:seconds, e\.g\. "
+                                         r"trainer\.max_time=00:00:05:00 for five minutes$"):
+        check(config, *COMPLETE[config], "trainer.max_time=5min")
+    assert check(config, *COMPLETE[config], "trainer.max_time=00:00:05:00").trainer.max_time == "00:00:05:00"
+
+
+def test_max_time_from_a_config_file_is_read_or_refused_in_one_line():
+    from titok_core.lr_schedule import parse_max_time
+
+    assert parse_max_time("01:02:03:04") == ((1 * 24 + 2) * 60 + 3) * 60 + 4 and parse_max_time(None) is None
+    for bad in ("5min", "00:05:00", "00:00:05:0.5"):
+        with pytest.raises(UsageError, match="write days:hours:minutes:seconds"):
+            parse_max_time(bad)
+
+
+@pytest.mark.parametrize("module, args", [
+    ("tokenizer.reconstruct", ["inputs=x.png", "tokenizer.spec="]),
+    ("sampling.generate", ["generator.spec=", "class=1", "n=1"]),
+])
+def test_an_empty_spec_says_so(tmp_path, module, args):
+    kind = "tokenizer" if module.startswith("tokenizer") else "generator"
+    line = assert_one_line_error(run_module(module, *args, cwd=tmp_path), f"{kind}.spec is empty: name a preset")
+    assert "config.json" not in line
+
+
 @pytest.mark.parametrize("config", sorted(COMPLETE))
 def test_every_range_names_an_option_of_its_entry_point(config):
     """Each entry point declares its own range checks (titok_core.cli names no option): every key

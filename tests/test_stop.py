@@ -182,6 +182,9 @@ def test_the_trainers_stop_cleanly(tmp_path, module):
     rerun = Job(module, more, tmp_path, tmp_path / "rerun.log")
     assert rerun.wait() == 0, rerun.tail()
     assert f"trained {stopped + 3} steps" in rerun.output()
+    if module == "tokenizer.train":  # the next command, as generator.train names sampling.generate
+        assert (f"train a generator on its tokens: python -m generator.train experiment=small "
+                f"data.root={tmp_path / 'data'} tokenizer.spec={tmp_path / 'run'}/") in rerun.output(), rerun.tail()
     assert _step(last) == (stopped + 3, {stopped + 3})
 
 

@@ -40,6 +40,10 @@ RESUME_HINT = "interrupted: run the same command to resume"
 _OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-@/]*)(?:=(?P<value>.*))?$", re.S)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # a config group's choice written as a plain name
+_DURATION = re.compile(r"^\d+:\d+:\d+:\d+$")  # Lightning's max_time: DD:HH:MM:SS, whole numbers
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, str, str | None]]:
     """Command-line words -> [(prefix, key, value)], leaving out Hydra's own flags and ``hydra.*`` keys."""
     out = []
@@ -170,6 +174,12 @@ def check_command_line(
             raise UsageError(f"{prefix}{key}= was renamed: write {new}={value if value is not None else '...'}")
     group_dirs = {p.name for p in config_dir.iterdir() if p.is_dir()}
     selections = [f"{p}{k}={v}" for p, k, v in overrides if k.split("/")[0] in group_dirs and "." not in k]
+    for _, key, value in overrides:
+        if key in group_dirs and value and value != "null" and _NAME.match(value) and not (config_dir / key / f"{value}.yaml").is_file():
+            choices = sorted(f.stem for f in (config_dir / key).glob("*.yaml"))
+            raise UsageError(f"{key}={value}: no such {key}{_closest(value, choices)}; the {key}s are: {', '.join(choices)}")
+        if key == "trainer.max_time" and value and value.strip("'\"") != "null" and not _DURATION.match(value.strip("'\"")):
+            raise UsageError(f"{key}={value}: write days:hours:minutes:seconds, e.g. {key}=00:00:05:00 for five minutes")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):

@@ -114,6 +114,21 @@ def _main(cfg: DictConfig) -> None:
               f"codebook usage {m.get('val/codebook_usage', float('nan')):.0%}")
         print(f"tokenizer: {result['checkpoint']}")
         print(f"figures: {result.get('recon_grid')} {result.get('usage_figure')}")
+        print(f"train a generator on its tokens: {next_command(cfg, result['checkpoint'])}")
+
+
+def next_command(cfg: DictConfig, checkpoint: str) -> str:
+    """The generator.train command for this run's tokenizer and data (with the experiment of the
+    same name, where generator.train has one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from titok_core.cli import CONF
+
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    words = ["python -m generator.train"]
+    if experiment and (CONF / "generator" / "experiment" / f"{experiment}.yaml").is_file():
+        words.append(f"experiment={experiment}")
+    return " ".join([*words, f"data.root={cfg.data.root}", f"tokenizer.spec={checkpoint}"])
 
 
 main = hydra_entry(
