@@ -25,7 +25,7 @@ from eval.rfid_mode import evaluate_tokenizer
 from generator.sampler import SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
 from titok_core.errors import UsageError, exit_on_user_error
-from titok_core.checkpoints import atomic_path
+from titok_core.checkpoints import MissingWeightsError, atomic_path
 from titok_core.cli import Ranges, hydra_entry
 
 # Old spellings on the command line, refused with the new key (see CHANGELOG.md).
@@ -49,6 +49,11 @@ def run(cfg: DictConfig, pipe=None) -> dict:
     fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
                     strategy=trainer.strategy)
     fabric.launch()
+    launcher = fabric.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):  # this process started the other ranks
+        from titok_core.stopping import forward_signals
+
+        forward_signals(lambda signum: [proc.send_signal(signum) for proc in launcher.procs])
     torch.manual_seed(cfg.seed)
     if mode == "demo":
         return evaluate_demo(cfg, fabric.device)
@@ -107,7 +112,10 @@ def summary(result: dict) -> str:
 
 def _main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        result = run(cfg)
+        try:
+            result = run(cfg)
+        except MissingWeightsError as exc:  # this command can build it untrained (benchmarks)
+            raise MissingWeightsError(f"{exc}; random_weights=true builds it untrained (for timings only)") from None
     if result.get("processes", 1) > 1 and not torch.distributed.get_rank() == 0:
         return
     line = json.dumps(result, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

@@ -113,10 +113,13 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
         images_u8 = to_uint8(images)
         return k, images, images_u8, acc.update(images_u8)
 
+    from titok_core.stopping import at_safe_points, stop_point
+
     todo = range(progress.done, len(mine))
     bar = tqdm(total=len(mine), initial=progress.done, desc=f"gFID samples (rank {rank})", unit="batch", disable=None)
     start = time.perf_counter()
-    with torch.inference_mode(), autocast(device, cfg.dtype):
+    # SIGTERM waits for the batch in hand, whose state is then saved (titok_core.stopping).
+    with torch.inference_mode(), autocast(device, cfg.dtype), at_safe_points():
         for k, images, images_u8, pool in pipelined(todo, [sample, decode, inception], device=device,
                                                     overlap=cfg.get("overlap", True)):
             # The rows first, then the state that counts them: a kill in between leaves rows that
@@ -133,6 +136,7 @@ def evaluate_generator(cfg: DictConfig, fabric, pipe=None) -> dict:
             bar.update()
             if progress.done % cfg.state_every == 0:
                 progress.save([acc])
+            stop_point(lambda: progress.save([acc]))
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -136,9 +136,12 @@ def reference_stats_from_folder(
     if cached is not None:
         return cached
 
+    from titok_core.stopping import ignore_stop_signals  # the job stops at a safe point, not its workers
+
     acc = InceptionFeatures(weights_path, device=device, keep_logits=False)
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, resolution), batch_size=batch_size, num_workers=num_workers, shuffle=False
+        _ImageFiles(paths, resolution), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+        worker_init_fn=ignore_stop_signals,
     )
     features = [acc.update(images).cpu() for images in tqdm(loader, desc="reference statistics", disable=not progress)]
     mu, sigma = acc.fid_stats()

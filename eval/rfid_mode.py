@@ -118,8 +118,35 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
     sums.setdefault("skipped", 0.0)
     batches = _rfid_batches(source, batch_size=cfg.batch_size, limit=cfg.num_samples or None,
                             rank=fabric.global_rank, world=fabric.world_size, start=progress.done)
+    from titok_core.stopping import at_safe_points
+
+    # SIGTERM waits for the end of a batch, whose state is then saved (titok_core.stopping).
+    with at_safe_points():
+        _run_batches(batches, progress=progress, sums=sums, real=real, fake=fake, tok=tok, device=device, cfg=cfg,
+                     total=mine_total)
+    progress.save([real, fake])
+    totals = torch.tensor([sums["psnr"], sums["ssim"], sums["n"], sums["skipped"]], dtype=torch.float64, device=device)
+    totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
+    n = float(totals[2])
+    if n == 0:
+        raise MissingFileError(f"no readable images in {cfg.data.root}")
+    mu_r, sigma_r = real.fid_stats()
+    mu_f, sigma_f = fake.fid_stats()
+    return {
+        "metric": "rFID", "fid": fid_from_stats(mu_f, sigma_f, mu_r, sigma_r), "psnr": float(totals[0]) / n,
+        "ssim": float(totals[1]) / n, "num_images": int(n), "num_skipped": int(totals[3]), "tokenizer": tok.source,
+        "data": {k: data[k] for k in ("root", "split", "format")},
+        "inception_weights": cfg.inception_weights or "torch-fidelity default", "dtype": cfg.dtype,
+    }
+
+
+def _run_batches(batches, *, progress, sums: dict, real, fake, tok, device, cfg: DictConfig, total) -> None:
+    """Reconstruct each batch, add it to the statistics, and save the state every ``state_every`` batches."""
+    from titok_core.stopping import stop_point
+
     for k, (x_u8, skipped) in enumerate(tqdm(batches, desc="rFID", unit="batch", initial=progress.done,
-                                             total=mine_total, disable=None), start=progress.done):
+                                             total=total, disable=None), start=progress.done):
+        stop_point(lambda: progress.save([real, fake]))  # batches before k are counted: a whole state
         sums["skipped"] += skipped
         progress.done, progress.sums = k + 1, sums
         if x_u8 is None:
@@ -136,17 +163,3 @@ def evaluate_tokenizer(cfg: DictConfig, fabric) -> dict:
         sums["n"] += len(x)
         if progress.done % cfg.state_every == 0:
             progress.save([real, fake])
-    progress.save([real, fake])
-    totals = torch.tensor([sums["psnr"], sums["ssim"], sums["n"], sums["skipped"]], dtype=torch.float64, device=device)
-    totals = fabric.all_reduce(totals, reduce_op="sum") if fabric.world_size > 1 else totals
-    n = float(totals[2])
-    if n == 0:
-        raise MissingFileError(f"no readable images in {cfg.data.root}")
-    mu_r, sigma_r = real.fid_stats()
-    mu_f, sigma_f = fake.fid_stats()
-    return {
-        "metric": "rFID", "fid": fid_from_stats(mu_f, sigma_f, mu_r, sigma_r), "psnr": float(totals[0]) / n,
-        "ssim": float(totals[1]) / n, "num_images": int(n), "num_skipped": int(totals[3]), "tokenizer": tok.source,
-        "data": {k: data[k] for k in ("root", "split", "format")},
-        "inception_weights": cfg.inception_weights or "torch-fidelity default", "dtype": cfg.dtype,
-    }

@@ -15,10 +15,11 @@ from generator.assets import SHIPPED, shipped_path
 from generator.model import (
     CONFIG_KEYS, LEGACY_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator, config_from_file,
 )
-from generator.presets import HUB_REPOS, PRESETS, RELEASED_FILES
+from generator.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
 from titok_core.checkpoints import (
     CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, require_weights, resolve_spec,
 )
+from titok_core.errors import UsageError
 
 __all__ = [
     "ImageBert", "UViT", "MaskedTokenGenerator", "build_generator", "load_generator", "CheckpointError", "PRESETS",
@@ -38,6 +39,9 @@ def _config_from(raw: dict, source: str) -> tuple[dict, dict]:
 
 def _resolve(spec: str | os.PathLike) -> tuple[dict | None, dict, Path | None, str]:
     """spec -> (our config or None, sampling settings, weights file or None, source)."""
+    if isinstance(spec, str) and not spec.strip():  # Path("") is the working directory: say what is wrong
+        raise UsageError(f"generator.spec is empty: name a preset ({', '.join(PRESETS)}), a shipped generator "
+                         f"({', '.join(SHIPPED)}), a file, a folder or a Hugging Face repo id")
     if isinstance(spec, str) and spec in PRESETS:
         preset = PRESETS[spec]
         return dict(preset["model"]), dict(preset["sampling"]), None, f"preset:{spec}"
@@ -78,7 +82,7 @@ def load_generator(
     if checkpoint is not None:
         weights = Path(checkpoint)
     if weights is None and not random_weights:
-        require_weights(spec, kind="generator", hub_repos=HUB_REPOS, files=RELEASED_FILES)
+        require_weights(spec, kind="generator", hub_repos=HUB_REPOS, files=RELEASED_FILES, in_bin_repo=IN_BIN_REPO)
     state_dict = None
     if weights is not None:
         ours = read_own_model(

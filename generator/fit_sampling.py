@@ -59,6 +59,7 @@ from titok_core.cli import Ranges, hydra_entry
 from titok_core.images import to_uint8
 from titok_core.errors import MissingFileError, UsageError, exit_on_user_error
 from titok_core.runtime import autocast, pick_device, resolve_dtype
+from titok_core.stopping import at_safe_points, stop_point
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +474,7 @@ def fit_sampling(
         log.info("fit_sampling round %d: %s -> classifier-FID %.3f, accuracy %.1f%% (%.1fs)", round_ + 1,
                  _short(settings, defaults), figures.fid, 100 * figures.accuracy, seconds)
         bar.set_postfix_str(f"FID {figures.fid:.2f}")
+        stop_point()  # the candidate is saved: a stop asked meanwhile (Ctrl-C, SIGTERM) acts here
         return figures
 
     def cost_units(settings: dict, round_: int) -> float:
@@ -490,9 +492,10 @@ def fit_sampling(
             need += (more + (round_ == 0)) * cost_units(settings, 1)
         return state.seconds + need * per_unit <= options.max_time
 
-    result = coordinate_search(evaluate, defaults=defaults, space=space, passes=options.passes,
-                               finalists=options.finalists, rounds=len(rounds), affordable=affordable,
-                               cached=lambda settings, round_: state.get(settings, round_) is not None)
+    with at_safe_points():  # the first Ctrl-C or a SIGTERM finishes the candidate in hand (a rerun goes on from it)
+        result = coordinate_search(evaluate, defaults=defaults, space=space, passes=options.passes,
+                                   finalists=options.finalists, rounds=len(rounds), affordable=affordable,
+                                   cached=lambda settings, round_: state.get(settings, round_) is not None)
     bar.close()
     return {
         "chosen": result["chosen"], "defaults": defaults, "decided_at_round": result["round"] + 1,

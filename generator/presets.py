@@ -44,8 +44,8 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# Hugging Face repos (config.json + model.safetensors) and the file names of the .bin release
-# (huggingface.co/fun-research/TiTok).
+# Hugging Face repos (config.json + model.safetensors), the file names of the .bin release, and
+# which of those are in titok_core.checkpoints.BIN_REPO (all three).
 HUB_REPOS = {
     "maskgit_l32": "yucornetto/generator_titok_l32_imagenet",
     "maskgit_b64": "yucornetto/generator_titok_b64_imagenet",
@@ -56,6 +56,7 @@ RELEASED_FILES = {
     "maskgit_b64": "generator_titok_b64.bin",
     "uvit_s128": "generator_titok_s128.bin",
 }
+IN_BIN_REPO = frozenset(RELEASED_FILES)
 
 
 def resolve_model(model: dict, *, codebook_size: int, num_tokens: int, num_classes: int) -> tuple[dict, dict]:

@@ -146,7 +146,10 @@ class TokenDataModule(L.LightningDataModule):
                                  device=t.strategy.root_device, sampler=sampler, drop_last=drop_last)
 
     def _loader_kw(self) -> dict:
-        return dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        from titok_core.stopping import ignore_stop_signals  # the job stops at a safe point, not its workers
+
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                    worker_init_fn=ignore_stop_signals)
 
     def train_dataloader(self):
         if self.uses_device():

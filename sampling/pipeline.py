@@ -54,8 +54,9 @@ def load_pipeline(
 
     generator, tokenizer: the entry points' groups ``{"spec": ..., "checkpoint": ...}`` (either may
     be None). Nothing given: the latest demo run of ``python -m generator.train`` in this directory
-    (``runs/generator/demo``), else the shipped demo generator. ``generator.checkpoint`` may also
-    name a shipped generator (``maskgit_demo``). A released preset without weights is refused
+    (``runs/generator/demo``), else the shipped demo generator. A shipped generator (``maskgit_demo``)
+    or one of our generator files may be given as ``spec`` or as ``checkpoint``: either way the
+    tokenizer and sampling settings it records come with it. A released preset without weights is refused
     unless ``random_weights`` (benchmarks) asks for untrained models.
     """
     generator, checkpoint = (generator or {}).get("spec"), (generator or {}).get("checkpoint")
@@ -73,7 +74,10 @@ def load_pipeline(
         raise CheckpointError(f"generator checkpoint not found: {checkpoint}")
     spec = generator if generator is not None else checkpoint
     gen = load_generator(spec, checkpoint if generator is not None else None, random_weights=random_weights)
-    extra = read_model_extra(checkpoint) if checkpoint is not None else {}
+    # What the generator's own file records (sampling settings, its tokenizer, classes): the checkpoint,
+    # or a spec that is such a file itself (a shipped generator, one of our .safetensors).
+    own_file = checkpoint if checkpoint is not None else _own_file(generator)
+    extra = read_model_extra(own_file) if own_file is not None else {}
     settings = dict(getattr(gen, "sampling", None) or {})
     settings.update(extra.get("sampling", {}))
     settings.update(sampling_overrides(sampling or {}))
@@ -98,6 +102,17 @@ def load_pipeline(
             f"({gen.num_tokens} tokens, {gen.codebook_size} codes)"
         )
     return Pipeline(gen.eval(), tok.eval(), settings, list(extra.get("classes", [])), str(spec), extra)
+
+
+def _own_file(spec) -> Path | None:
+    """The file a generator spec names when it is one of ours: a shipped generator or an existing file."""
+    from generator.assets import shipped_path
+
+    if spec is None:
+        return None
+    if isinstance(spec, str) and shipped_path(spec) is not None:
+        return shipped_path(spec)
+    return Path(spec) if Path(spec).is_file() else None
 
 
 def pipeline_kwargs(cfg: Mapping) -> dict:

@@ -21,14 +21,17 @@ def job_env(extra: dict | None = None) -> dict:
 
 
 class Job:
-    """One ``python -m <module> <args>`` in ``cwd``; output appended to ``log`` (default ``cwd/job.log``)."""
+    """One ``python -m <module> <args>`` in ``cwd``; output appended to ``log`` (default ``cwd/job.log``).
+
+    A ``module`` ending in ``.py`` is a script path, run as ``python <script> <args>``."""
 
     def __init__(self, module: str, args: list[str], cwd: Path, log: Path | None = None, env: dict | None = None):
         cwd.mkdir(parents=True, exist_ok=True)
         self.cwd, self.log = cwd, log or cwd / "job.log"
-        self.cmd = [sys.executable, "-m", module, *args]
+        how = [module] if module.endswith(".py") else ["-m", module]
+        self.cmd = [sys.executable, *how, *args]
         self._out = open(self.log, "ab")
-        self._out.write(f"\n$ python -m {module} {' '.join(args)}\n".encode())
+        self._out.write(f"\n$ python {' '.join(how)} {' '.join(args)}\n".encode())
         self._out.flush()
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=job_env(env), stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -239,6 +239,23 @@ def test_a_released_tokenizer_without_weights_is_refused(preset, hub, file):
         assert load_tokenizer(preset, random_weights=True).num_tokens > 0  # asked for: built untrained
 
 
+def test_the_missing_weights_line_says_where_the_files_are():
+    """The .bin of the L-32/B-64/S-128 models: in the one .bin repo (titok_core.checkpoints.BIN_REPO); the
+    models' own repos hold config.json + model.safetensors (a spec). No random_weights hint: the
+    commands that print this line mostly have no such option (eval.gfid adds it: test_cli)."""
+    with pytest.raises(CheckpointError) as info:
+        load_generator("uvit_s128")
+    assert _one_line(info) == (
+        "uvit_s128 is a released generator and no weights were given: pass generator.checkpoint=generator_titok_s128.bin "
+        "(hf download fun-research/TiTok generator_titok_s128.bin) or generator.spec=yucornetto/generator_titok_s128_imagenet "
+        "(its config.json and model.safetensors, fetched when online)")
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer("titok_sl256_vq8k")
+    line = _one_line(info)
+    assert "fun-research" not in line and "random_weights" not in line  # that .bin is not in the .bin repo
+    assert "tokenizer.spec=yucornetto/tokenizer_titok_sl256_vq8k_imagenet" in line
+
+
 def test_a_released_generator_without_weights_is_refused():
     with pytest.raises(CheckpointError, match="maskgit_l32 is a released generator and no weights were given: "
                                               "pass generator.checkpoint=generator_titok_l32.bin"):

@@ -276,3 +276,24 @@ def test_tokenizer_training_reads_formats(store, stores, tmp_path):
         assert first is None or first[0].shape == (3, 32, 32)
     result = train(cfg)
     assert result["global_step"] == 3 and Path(result["checkpoint"]).is_file()
+
+
+def test_the_held_out_line_says_how_many_images_are_held_out(tmp_path, caplog):
+    """40 training images and no val split: a tenth (4) is held out, and the line says 4, not val_images."""
+    import logging
+
+    from test_tokenizer_train import _cfg
+
+    from tokenizer.train_data import build_datasets
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = tmp_path / "data" / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = _cfg(tmp_path, "data.val_images=256", "data.in_memory=false")
+    with caplog.at_level(logging.WARNING, logger="tokenizer.train_data"):
+        train_set, val_set = build_datasets(cfg.data, image_size=16, seed=0)
+    assert (len(train_set), len(val_set)) == (36, 4)
+    assert "holding out 4 training images for validation" in caplog.text
+    assert "256" not in caplog.text

@@ -298,6 +298,7 @@ def test_demo_classifier_trains_and_is_cached(tmp_path, monkeypatch):
     assert len(calls) == 1  # read back from the cache, not retrained
     assert torch.equal(again.classify(images), probs)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
     demo.load_demo_classifier(root, **{**hparams, "seed": 1})  # another key trains again
     assert len(calls) == 2
 
@@ -309,6 +310,21 @@ def test_demo_classifier_trains_and_is_cached(tmp_path, monkeypatch):
     other = demo.classifier_fid(feats[labels < 5], feats[labels >= 5])
     assert abs(same) < 1e-4 and other > 1.0  # eigenvalue noise of a rank-deficient covariance is ~1e-6
     assert "not Inception FID" in demo.DEMO_FID_LABEL
+
+
+def test_the_judges_cache_is_where_titok_cache_says_and_the_log_says_where(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TITOK_CACHE", str(tmp_path / "moved"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.default_cache_dir() == tmp_path / "moved" / "demo_classifier"
+    monkeypatch.delenv("TITOK_CACHE")
+    assert demo.default_cache_dir() == tmp_path / "xdg" / "titok_gen" / "demo_classifier"
+    monkeypatch.setenv("TITOK_CACHE", str(tmp_path / "moved"))
+    root = _demo_folder(tmp_path / "demo", {"train": 4, "val": 1})
+    with caplog.at_level("INFO", logger="eval.demo_classifier"):
+        demo.load_demo_classifier(root, seed=0, resolution=32, width=8, steps=2, batch_size=8)
+    (cached,) = (tmp_path / "moved" / "demo_classifier").iterdir()
+    assert f"trained and cached at {cached} (TITOK_CACHE= moves the cache)" in caplog.text
+    assert not (tmp_path / "xdg").exists()
 
 
 # ---------------------------------------------------------------- PSNR / SSIM

@@ -9,7 +9,9 @@ and explicit sampling.* options win over the fitted ones.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -263,7 +265,9 @@ def uninterrupted(tmp_path_factory):
     return cwd, out, before
 
 
-def test_a_search_killed_midway_and_run_again_equals_one_never_stopped(uninterrupted, tmp_path):
+@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+def test_a_search_killed_midway_and_run_again_equals_one_never_stopped(uninterrupted, tmp_path, stop):
+    """SIGKILL loses the candidate in hand; SIGTERM finishes and saves it, then one line and exit 143."""
     ref_dir, ref_out, _ = uninterrupted
     reference = read_model_extra(ref_dir / "generator.safetensors")["fit_sampling"]
     assert len(reference["table"]) >= 8 and "fit_sampling:" in ref_out.stdout and "written to" in ref_out.stdout
@@ -272,10 +276,20 @@ def test_a_search_killed_midway_and_run_again_equals_one_never_stopped(uninterru
     at = random.Random(30).randint(2, 6)  # a seeded point: after this many candidates are in the state file
     job = Job("generator.fit_sampling", _args(), cwd, env={"XDG_CACHE_HOME": str(cwd / "cache")})
     state = state_path(cwd / "generator.safetensors")
-    assert job.kill_at(lambda: _state_rows(state) >= at, 0.0), job.tail()
-    assert "fit_sampling" not in read_model_extra(cwd / "generator.safetensors")  # killed before the rewrite
+    if stop == "kill":
+        assert job.kill_at(lambda: _state_rows(state) >= at, 0.0), job.tail()
+    else:
+        job.wait_for(lambda: _state_rows(state) >= at)
+        os.kill(job.proc.pid, signal.SIGTERM)
+        assert job.wait() == 143, job.tail()
+        lines = [line for line in job.output().splitlines() if line.strip()]
+        assert lines[-1] == "interrupted: run the same command again to continue the search", job.tail()
+        assert "Traceback" not in job.output(), job.tail()
+    assert "fit_sampling" not in read_model_extra(cwd / "generator.safetensors")  # stopped before the rewrite
     done = _state_rows(state)
     assert at <= done < len(reference["table"])
+    if stop == "sigterm":
+        assert done <= at + 1  # the candidate under way when the signal came, and no other
 
     again = _run(cwd)
     resumed = read_model_extra(cwd / "generator.safetensors")["fit_sampling"]

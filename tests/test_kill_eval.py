@@ -22,7 +22,9 @@ and demo kills during the colour-blind classifier and during sampling.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 import zipfile
 from pathlib import Path
@@ -233,6 +235,27 @@ def test_inception_killed_in_the_sampling_loop_and_rerun(inception_args, incepti
     got = inception_want.result()
     assert 0 < got["precision"] < 1 or 0 < got["recall"] < 1, got  # the figures compared are not trivial
     print("kill points:", where)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143),
+                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+                         ids=["sigterm", "ctrl-c"])
+def test_inception_stopped_by_a_signal_and_rerun(inception_args, inception_want, tmp_path, signum, code):
+    """Ctrl-C and SIGTERM save the state of every batch done (here the only save: state_every is larger
+    than the run) and exit 130 / 143 with one line; the rerun resumes from it and ends as the
+    uninterrupted run."""
+    args = [a if not a.startswith("state_every=") else "state_every=100" for a in inception_args]
+    cwd = tmp_path / "run"
+    job = Job("eval.gfid", args, cwd)
+    job.wait_for(lambda: _feature_rows(cwd / "state") >= 2 * BATCH)
+    os.kill(job.proc.pid, signum)
+    assert job.wait() == code, job.tail()
+    lines = [line for line in job.output().splitlines() if line.strip()]
+    assert lines[-1] == "interrupted: run the same command to resume" and "Traceback" not in job.output(), job.tail()
+    saved = list((cwd / "state").glob("gfid-*-rank0.pt"))
+    done = int(torch.load(saved[0], weights_only=True)["done"]) if saved else 0
+    assert 2 <= done < BATCHES and _feature_rows(cwd / "state") == done * BATCH, done
+    _rerun_and_compare(args, cwd, done, inception_want)
 
 
 @pytest.mark.slow

@@ -139,6 +139,9 @@ def test_two_jobs_building_the_same_cache_at_once_both_get_it(tok, tmp_path):
     assert errors == [] and len(results) == 2
     assert results[0] == results[1] and results[0]["num_sequences"] == 48
     assert np.load(out / "tokens.npy").shape == (48, 8)
+    # The lock they shared is gone with the build: nothing beside the cache, nothing in it but the cache.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.npy", "manifest.json", "tokens.npy"]
 
 
 # ---------------------------------------------------------------- the dataset is part of the key; the files match the manifest

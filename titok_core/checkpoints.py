@@ -43,6 +43,16 @@ class CheckpointError(BadFileError):
     """A model file or spec that cannot be used; the message is one line."""
 
 
+class MissingWeightsError(CheckpointError):
+    """A released preset asked for without its weights (see :func:`require_weights`)."""
+
+
+# The official .bin release on the Hugging Face hub: the files the official configs name and its
+# sampling script downloads (the L-32, B-64 and S-128 tokenizers and generators). The other released
+# models are on the hub as repos of config.json + model.safetensors (the presets' HUB_REPOS).
+BIN_REPO = "fun-research/TiTok"
+
+
 @dataclass
 class Resolved:
     """What a spec pointed at: a config (plain dict) and/or a weights file."""
@@ -389,16 +399,20 @@ def package_file(package: str, filename: str) -> Path:
     return path
 
 
-def require_weights(spec, *, kind: str, hub_repos: dict[str, str], files: dict[str, str]) -> None:
+def require_weights(
+    spec, *, kind: str, hub_repos: dict[str, str], files: dict[str, str], in_bin_repo: frozenset[str] = frozenset(),
+) -> None:
     """Refuse a released preset (``spec`` in ``hub_repos``) that is about to be built with no weights.
 
     Random weights of a released model are never what a user means: a token cache, a training run
-    or an FID on them is hours of compute for nothing. The one-line error names the preset's hub
-    repo and file and how to pass them; code that wants random weights says ``random_weights=True``.
+    or an FID on them is hours of compute for nothing. The one-line MissingWeightsError says how to
+    pass the weights: the official ``.bin`` file as ``<kind>.checkpoint`` (with where to download it,
+    for the presets in ``in_bin_repo``: :data:`BIN_REPO`), or the preset's hub repo as ``<kind>.spec``.
+    Code that wants random weights says ``random_weights=True`` (eval.gfid: ``random_weights=true``).
     """
     if isinstance(spec, str) and spec in hub_repos:
-        raise CheckpointError(
+        where = f"hf download {BIN_REPO} {files[spec]}" if spec in in_bin_repo else "the official .bin"
+        raise MissingWeightsError(
             f"{spec} is a released {kind} and no weights were given: pass {kind}.checkpoint={files[spec]} "
-            f"(from https://huggingface.co/{hub_repos[spec]}) or {kind}.spec={hub_repos[spec]}; "
-            "random_weights=True builds it untrained"
+            f"({where}) or {kind}.spec={hub_repos[spec]} (its config.json and model.safetensors, fetched when online)"
         )

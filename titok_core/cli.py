@@ -40,6 +40,10 @@ RESUME_HINT = "interrupted: run the same command to resume"
 _OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-@/]*)(?:=(?P<value>.*))?$", re.S)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # a config group's choice written as a plain name
+_DURATION = re.compile(r"^\d+:\d+:\d+:\d+$")  # Lightning's max_time: DD:HH:MM:SS, whole numbers
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, str, str | None]]:
     """Command-line words -> [(prefix, key, value)], leaving out Hydra's own flags and ``hydra.*`` keys."""
     out = []
@@ -170,6 +174,12 @@ def check_command_line(
             raise UsageError(f"{prefix}{key}= was renamed: write {new}={value if value is not None else '...'}")
     group_dirs = {p.name for p in config_dir.iterdir() if p.is_dir()}
     selections = [f"{p}{k}={v}" for p, k, v in overrides if k.split("/")[0] in group_dirs and "." not in k]
+    for _, key, value in overrides:
+        if key in group_dirs and value and value != "null" and _NAME.match(value) and not (config_dir / key / f"{value}.yaml").is_file():
+            choices = sorted(f.stem for f in (config_dir / key).glob("*.yaml"))
+            raise UsageError(f"{key}={value}: no such {key}{_closest(value, choices)}; the {key}s are: {', '.join(choices)}")
+        if key == "trainer.max_time" and value and value.strip("'\"") != "null" and not _DURATION.match(value.strip("'\"")):
+            raise UsageError(f"{key}={value}: write days:hours:minutes:seconds, e.g. {key}=00:00:05:00 for five minutes")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -294,7 +304,8 @@ def hydra_entry(
     """Decorate ``task(cfg)`` as the ``main()`` of an entry point whose config is ``conf/<config>.yaml``.
 
     description: the module's docstring (printed by --help). renamed / scalar_groups / ranges: see
-    :func:`check_command_line`. on_interrupt: the line printed on Ctrl-C (exit 130). The returned
+    :func:`check_command_line`. on_interrupt: the line printed when Ctrl-C (exit 130) or SIGTERM
+    (exit 143) stops the task (see :func:`titok_core.stopping.stop_cleanly`). The returned
     ``main`` carries ``main.task`` (the task), ``main.check(argv)`` (the checks it runs on a
     command line, returning the composed config) and ``main.ranges``, for tests.
     """
@@ -310,11 +321,10 @@ def hydra_entry(
     def decorate(task: Callable) -> Callable[[], None]:
         @functools.wraps(task)
         def guarded(cfg) -> None:
-            try:
+            from titok_core.stopping import stop_cleanly
+
+            with stop_cleanly(on_interrupt):
                 task(cfg)
-            except KeyboardInterrupt:
-                print(on_interrupt, file=sys.stderr)
-                sys.exit(130)
 
         hydra_main = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(guarded)
 
@@ -333,6 +343,9 @@ def hydra_entry(
                 except KeyboardInterrupt:
                     print("interrupted", file=sys.stderr)
                     sys.exit(130)
+            from titok_core.quiet import quiet_libraries
+
+            quiet_libraries()
             try:
                 hydra_main()
             except KeyboardInterrupt:

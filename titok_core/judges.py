@@ -319,8 +319,14 @@ def train_demo_classifier(
     return classifier
 
 
+CACHE_ENV = "TITOK_CACHE"  # where titok-gen caches what it trains for itself (the demo judges)
+
+
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/titok_gen/demo_classifier`` (``~/.cache`` when unset)."""
+    """``$TITOK_CACHE/demo_classifier``; without it ``$XDG_CACHE_HOME/titok_gen/demo_classifier``
+    (``~/.cache`` when that is unset too)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "demo_classifier"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "titok_gen" / "demo_classifier"
 
@@ -357,7 +363,7 @@ def load_demo_classifier(
         return cached.to(device)
     classifier = train_demo_classifier(root, seed=seed, device=device, **hparams)
     save_model_file(path, kind=KIND, config=classifier.config, state_dict=classifier.net.state_dict())
-    log.info("demo classifier: trained and cached at %s", path)
+    log.info("demo classifier: trained and cached at %s (%s= moves the cache)", path, CACHE_ENV)
     return classifier
 
 

@@ -30,10 +30,11 @@ def parse_max_time(value: str | None) -> float | None:
     """Lightning's ``max_time`` string "DD:HH:MM:SS" -> seconds (None stays None)."""
     if value is None:
         return None
-    parts = [float(p) for p in str(value).split(":")]
-    if len(parts) != 4:
-        raise UsageError(f"trainer.max_time must be DD:HH:MM:SS, got {value!r}")
-    days, hours, minutes, seconds = parts
+    parts = str(value).strip().split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):  # Lightning's Timer reads whole numbers
+        raise UsageError(f"trainer.max_time={value}: write days:hours:minutes:seconds, e.g. "
+                         "trainer.max_time=00:00:05:00 for five minutes")
+    days, hours, minutes, seconds = (int(p) for p in parts)
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -82,3 +83,21 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return _auto_choice("precision", cuda=torch.cuda.is_available(), fast="bf16-mixed", plain="32-true")
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """DataLoader workers: ``"auto"`` -> min(4, usable CPU cores - 1) (0 on one core: the main process
+    loads), so the loader never asks for more workers than the machine has; a number is kept."""
+    if num_workers == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return min(4, max(0, cores - 1))
+    try:
+        workers = int(num_workers)
+    except (TypeError, ValueError):
+        raise UsageError(f"num_workers must be auto or a number, got {num_workers!r}") from None
+    if workers < 0:
+        raise UsageError(f"num_workers must not be negative, got {workers}")
+    return workers

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, WeightAveraging
 from torch import nn
 
 from titok_core.errors import UsageError
@@ -200,6 +200,10 @@ def build_trainer(
     callbacks = [*callbacks, *schedule_callbacks(max_time=kwargs.get("max_time"),
                                                  schedule_steps=trainer.get("schedule_steps", "max_steps"))]
     kwargs.update(fixed)  # the entry point's own values win (e.g. no validation when there is no val split)
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        from titok_core.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar())  # step n/total, time left, the loss (Lightning's counts epochs)
     plugins = kwargs.get("plugins") or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints are whole or absent after a kill

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from titok_core import stopping
 from titok_core.checkpoints import atomic_path, save_model_file
 from titok_core.cli import Ranges
 from titok_core.runs import builtin_for, dataset_identity, default_run_dir, require_dataset, start_run
@@ -136,10 +137,10 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
         # Our own Lightning checkpoints hold only tensors and plain containers: no pickled code.
         run.resumed_from = int(torch.load(run.last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         log.info("resuming from %s (step %d)", run.last, run.resumed_from)
-    # The one call of trainer.fit: stopping on signals (Ctrl-C, SIGTERM) is handled around it, here.
-    trainer.fit(module, **data, ckpt_path=str(run.last) if run.resumed_from is not None else None, weights_only=True)
-    if trainer.interrupted:  # Lightning catches Ctrl-C and returns; the checkpoints so far are complete
-        raise KeyboardInterrupt
+    # The one call of trainer.fit. Ctrl-C and SIGTERM finish the step in hand and save it in last.ckpt,
+    # then raise KeyboardInterrupt / Terminated (the entry point's one line, exit 130 / 143).
+    stopping.fit(trainer, module, last=run.last, **data,
+                 ckpt_path=str(run.last) if run.resumed_from is not None else None, weights_only=True)
     return trainer
 
 

@@ -20,9 +20,10 @@ from tokenizer.assets import SHIPPED, shipped_path
 from titok_core.checkpoints import (
     CheckpointError, load_strict, read_own_model, read_state_dict, require_weights, resolve_spec,
 )
+from titok_core.errors import UsageError
 from tokenizer.config import FIELDS, LEGACY_KEYS, TiTokConfig, config_from_file, make_config
 from tokenizer.model import TiTok
-from tokenizer.presets import HUB_REPOS, PRESETS, RELEASED_FILES
+from tokenizer.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
 
 __all__ = [
     "TiTok", "TiTokConfig", "build_tokenizer", "load_tokenizer", "require_discrete", "CheckpointError", "PRESETS",
@@ -55,6 +56,9 @@ def _config_from(raw: dict, source: str) -> TiTokConfig:
 
 
 def _resolve(spec: str | os.PathLike) -> tuple[TiTokConfig | None, Path | None, str]:
+    if isinstance(spec, str) and not spec.strip():  # Path("") is the working directory: say what is wrong
+        raise UsageError(f"tokenizer.spec is empty: name a preset ({', '.join(PRESETS)}), a shipped model "
+                         f"({', '.join(SHIPPED)}), a file, a folder or a Hugging Face repo id")
     if isinstance(spec, str) and spec in PRESETS:
         return make_config(PRESETS[spec]), None, f"preset:{spec}"
     if isinstance(spec, str) and spec in SHIPPED:
@@ -88,7 +92,7 @@ def load_tokenizer(
     if checkpoint is not None:
         weights = Path(checkpoint)
     if weights is None and not random_weights:
-        require_weights(spec, kind="tokenizer", hub_repos=HUB_REPOS, files=RELEASED_FILES)
+        require_weights(spec, kind="tokenizer", hub_repos=HUB_REPOS, files=RELEASED_FILES, in_bin_repo=IN_BIN_REPO)
     state_dict = None
     if weights is not None:
         ours = read_own_model(

@@ -88,8 +88,9 @@ PRESETS: dict[str, dict] = {
 }
 
 # Where a user online gets the released weights (Hugging Face repos with config.json +
-# model.safetensors, as listed in the official README_TiTok.md), and the file names of the
-# original .bin release (the official configs' experiment.tokenizer_checkpoint).
+# model.safetensors, as listed in the official README_TiTok.md), the file names of the
+# original .bin release (the official configs' experiment.tokenizer_checkpoint), and which of
+# those files are in titok_core.checkpoints.BIN_REPO (the ones the official sampling script fetches).
 HUB_REPOS = {
     "titok_l32": "yucornetto/tokenizer_titok_l32_imagenet",
     "titok_b64": "yucornetto/tokenizer_titok_b64_imagenet",
@@ -112,6 +113,7 @@ RELEASED_FILES = {
     "titok_bl64_vae_c16": "titok_bl64_vae_c16.bin",
     "titok_bl128_vae_c16": "titok_bl128_vae_c16.bin",
 }
+IN_BIN_REPO = frozenset({"titok_l32", "titok_b64", "titok_s128"})
 
 
 def resolve_model(model: dict, *, image_side: int | None = None) -> dict:

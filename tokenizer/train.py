@@ -26,6 +26,7 @@ from titok_core.cli import Ranges, hydra_entry
 from titok_core.data import collate_skip_bad, count_skipped
 from titok_core.errors import UsageError, exit_on_user_error
 from titok_core.runs import require_dataset
+from titok_core.stopping import ignore_stop_signals
 from tokenizer.figures import Figures
 from tokenizer.lightning_module import TiTokModule
 from tokenizer.presets import resolve_model
@@ -61,8 +62,9 @@ def train(cfg: DictConfig) -> dict:
     log.info("tokenizer %s", model_config)
     training.prepare_data(run, image_size=model_config["image_size"])
     train_set, val_set = build_datasets(cfg.data, image_size=model_config["image_size"], seed=cfg.seed)
+    # The workers ignore Ctrl-C and SIGTERM: the training stops after the step in hand and shuts them down.
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                     collate_fn=collate_skip_bad)
+                     collate_fn=collate_skip_bad, worker_init_fn=ignore_stop_signals)
     if isinstance(train_set, IterableDataset):  # streamed shards: shuffled by the stream itself
         train_loader = DataLoader(train_set, drop_last=True, **loader_kw)
     else:
@@ -114,6 +116,21 @@ def _main(cfg: DictConfig) -> None:
               f"codebook usage {m.get('val/codebook_usage', float('nan')):.0%}")
         print(f"tokenizer: {result['checkpoint']}")
         print(f"figures: {result.get('recon_grid')} {result.get('usage_figure')}")
+        print(f"train a generator on its tokens: {next_command(cfg, result['checkpoint'])}")
+
+
+def next_command(cfg: DictConfig, checkpoint: str) -> str:
+    """The generator.train command for this run's tokenizer and data (with the experiment of the
+    same name, where generator.train has one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from titok_core.cli import CONF
+
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    words = ["python -m generator.train"]
+    if experiment and (CONF / "generator" / "experiment" / f"{experiment}.yaml").is_file():
+        words.append(f"experiment={experiment}")
+    return " ".join([*words, f"data.root={cfg.data.root}", f"tokenizer.spec={checkpoint}"])
 
 
 main = hydra_entry(

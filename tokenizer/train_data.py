@@ -55,13 +55,12 @@ def build_datasets(data: DictConfig, *, image_size: int, seed: int) -> tuple[Dat
         order = torch.randperm(len(val_set), generator=g).tolist()
         return train_set, Subset(val_set, order[: data.val_images])
     # No val split: hold out images of the training split (seen without augmentation).
-    log.warning("no %s split in %s; holding out %d training images for validation", data.val_split, root,
-                data.val_images)
     plain = open_split(root, data.split, format=fmt, resolution=image_size, train=False)
     if data.in_memory:
         plain = InMemoryImages(plain)
     order = torch.randperm(len(plain), generator=g).tolist()
     n_val = min(data.val_images, len(plain) // 10 or 1)
+    log.warning("no %s split in %s; holding out %d training images for validation", data.val_split, root, n_val)
     return Subset(train_set, order[n_val:]), Subset(plain, order[:n_val])
 
 

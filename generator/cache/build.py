@@ -48,9 +48,11 @@ def build_token_cache(
     and rank 0 merges them; without one, this process does everything. decode, compile: see
     :func:`build_shards`.
     """
+    from titok_core.runtime import resolve_workers
     from tokenizer import require_discrete
 
     require_discrete(tokenizer, "a token cache for MaskGIT training")
+    num_workers = resolve_workers(num_workers)
     rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     barrier = fabric.barrier if fabric is not None else (lambda: None)
     manifest = cache_manifest(
@@ -67,12 +69,20 @@ def build_token_cache(
         return found
     # Another job may be building this very cache (a sweep started at once): wait for it, then take
     # its result or resume what it left. The ranks of one Fabric job share out the work instead.
-    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out_dir}.lock") if fabric is None else contextlib.nullcontext():
+    # The lock file lives in the cache folder and goes once the cache is finished: from then on
+    # nobody builds it (whoever gets the lock checks manifest.json first), so removing the file
+    # under a process that waits for it is harmless.
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    locked = fabric is None
+    with FileLock(_lock_path(out_dir)) if locked else contextlib.nullcontext():
         if (Path(out_dir) / "manifest.json").is_file():
+            if locked:
+                _lock_path(out_dir).unlink(missing_ok=True)
             return check()
         stream = isinstance(dataset, WebDatasetShards)
         if rank == 0:
+            images = "streamed images" if stream else f"{manifest['num_images']} images"
+            log.info("token cache %s: building it from %s (a rerun resumes it)", out_dir, images)
             _check_partial(out_dir, manifest, batch_size, shards=dataset.urls if stream else None)
             _remove_leftovers(Path(out_dir))  # the other ranks wait at the barrier: nothing is being written
         barrier()
@@ -92,7 +102,14 @@ def build_token_cache(
             merge_shards(out_dir=out_dir, num_images=manifest["num_images"], batch_size=batch_size,
                          manifest=manifest, num_tars=len(dataset) if stream else None)
         barrier()
+        if locked:
+            _lock_path(out_dir).unlink(missing_ok=True)
     return check()
+
+
+def _lock_path(out_dir: str | os.PathLike) -> Path:
+    """The lock of a cache being built: a hidden file in its folder, removed when the cache is finished."""
+    return Path(out_dir) / ".lock"
 
 
 def _check_partial(

@@ -13,10 +13,16 @@ def _main(cfg) -> None:
 
     from generator.cache.build import open_cache
     from titok_core.errors import exit_on_user_error
+    from titok_core.stopping import forward_signals
     from tokenizer import load_tokenizer
 
-    fabric = Fabric(**cfg.trainer)
+    # Only the keys Fabric takes: the group is named trainer as in generator.train, whose experiments
+    # (experiment=small ...) set training keys there too.
+    fabric = Fabric(**{k: cfg.trainer[k] for k in FABRIC_KEYS if k in cfg.trainer})
     fabric.launch()
+    launcher = fabric.strategy.launcher
+    if launcher is not None and getattr(launcher, "procs", None):  # this process started the other ranks
+        forward_signals(lambda signum: [proc.send_signal(signum) for proc in launcher.procs])
     with exit_on_user_error():
         tok = load_tokenizer(cfg.tokenizer.spec, cfg.tokenizer.checkpoint)
         out_dir, manifest = open_cache(tokenizer=tok, tokenizer_source=str(cfg.tokenizer.spec), data=cfg.data,
@@ -28,6 +34,8 @@ def _main(cfg) -> None:
         )
 
 
+INTERRUPTED = "interrupted: the finished shards are kept; run the same command to resume"
+FABRIC_KEYS = ("accelerator", "devices", "num_nodes", "strategy")
 RENAMED = {
     "data_root": "data.root", "split": "data.split", "data_format": "data.format", "checkpoint": "tokenizer.checkpoint",
     "out_dir": "cache.dir", "batch_size": "cache.batch_size", "dtype": "cache.dtype",
@@ -45,4 +53,4 @@ CACHE_RANGES = Ranges(at_least_one=("cache.batch_size",), not_negative=("cache.n
 # docstring is set before its __init__ imports this module).
 main = hydra_entry(config="generator/cache", description=sys.modules["generator.cache"].__doc__, renamed=RENAMED,
                    scalar_groups=SCALAR_GROUPS, ranges=CACHE_RANGES | Ranges(at_least_one=("trainer.num_nodes",)),
-                   on_interrupt="interrupted: the finished shards are kept; run the same command to resume")(_main)
+                   on_interrupt=INTERRUPTED)(_main)

@@ -87,30 +87,34 @@ def build_shards(
     pending = [i for i in range(rank, num_shards, world_size) if not _shard_path(out_dir, i).exists()]
     if not pending:
         return 0
+    from titok_core.stopping import at_safe_points, ignore_stop_signals, stop_point
+
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     batches = _ShardBatches(pending, batch_size, n)
     if decode == "device":
         from generator.device_decode import EncodedImages, collate_encoded
 
         loader = DataLoader(EncodedImages(dataset), batch_sampler=batches, num_workers=num_workers,
-                            collate_fn=collate_encoded)
+                            collate_fn=collate_encoded, worker_init_fn=ignore_stop_signals)
     else:
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     skipped = 0
     tokenizer = tokenizer.to(device).eval()
     if compile:
         tokenizer.encoder.compile()
     resolution = getattr(dataset, "resolution", tokenizer.image_size)
     bar = tqdm(zip(pending, loader), total=len(pending), desc=f"token cache (rank {rank})", unit="batch", disable=None)
-    for index, batch in bar:
-        if decode == "device":
-            batch = _on_device(batch, dataset=dataset, resolution=resolution, device=device)
-        images, labels, kept = batch
-        size = min((index + 1) * batch_size, n) - index * batch_size
-        skipped += size - kept
-        tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
-        _write_shard(_shard_path(out_dir, index), tokens, pair_labels, size - kept)
+    with at_safe_points():  # a stop waits for the shard in hand, never lands while a worker hands a batch over
+        for index, batch in bar:
+            if decode == "device":
+                batch = _on_device(batch, dataset=dataset, resolution=resolution, device=device)
+            images, labels, kept = batch
+            size = min((index + 1) * batch_size, n) - index * batch_size
+            skipped += size - kept
+            tokens, pair_labels = _encode_pairs(tokenizer, images, labels, device, dtype, flip=flip)
+            _write_shard(_shard_path(out_dir, index), tokens, pair_labels, size - kept)
+            stop_point()
     return skipped
 
 
@@ -189,22 +193,26 @@ def build_stream_shards(
     if not pending:
         return 0
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    from titok_core.stopping import at_safe_points, ignore_stop_signals, stop_point
+
     stream = _StreamBatches(shards, pending, batch_size, out_dir, tokenizer.image_size)
     loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, len(pending)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     tokenizer = tokenizer.to(device).eval()
     skipped = 0
     bar = tqdm(total=len(pending), desc=f"token cache (rank {rank})", unit="tar", disable=None)
-    for item in loader:
-        if "chunks" in item:
-            with atomic_path(_stream_done_path(out_dir, item["shard"])) as tmp:
-                tmp.write_text(json.dumps({"chunks": int(item["chunks"])}))
-            bar.update(1)
-            continue
-        tokens, labels = _encode_pairs(tokenizer, item["images"], item["labels"], device, dtype, flip=flip)
-        skipped += int(item["size"]) - int(item["kept"])
-        _write_shard(_stream_shard_path(out_dir, item["shard"], item["chunk"]), tokens, labels,
-                     int(item["size"]) - int(item["kept"]))
+    with at_safe_points():  # a stop waits for the batch in hand, never lands while a worker hands one over
+        for item in loader:
+            if "chunks" in item:
+                with atomic_path(_stream_done_path(out_dir, item["shard"])) as tmp:
+                    tmp.write_text(json.dumps({"chunks": int(item["chunks"])}))
+                bar.update(1)
+            else:
+                tokens, labels = _encode_pairs(tokenizer, item["images"], item["labels"], device, dtype, flip=flip)
+                skipped += int(item["size"]) - int(item["kept"])
+                _write_shard(_stream_shard_path(out_dir, item["shard"], item["chunk"]), tokens, labels,
+                             int(item["size"]) - int(item["kept"]))
+            stop_point()
     bar.close()
     return skipped
 
