@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from titok_core.errors import UsageError
 from titok_core.checkpoints import atomic_path
+from titok_core.errors import UsageError
 
 # From guided-diffusion evaluations/evaluator.py: Evaluator.compute_inception_score(split_size=5000);
 # ManifoldEstimator(row_batch_size=10000, col_batch_size=10000, nhood_sizes=(3,), clamp_to_percentile=None,

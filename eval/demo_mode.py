@@ -52,8 +52,14 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     samples / ceiling: ``fid_ratio`` (1 is the best a generator can do; lower is better),
     ``accuracy_ratio`` and ``colour_blind_ratio`` (1 is the best; higher is better).
     """
-    from titok_core.judges import (DEMO_FID_LABEL, classifier_fid, heldout_description, judge_files,
-                                    load_demo_classifier, load_judge_part)
+    from titok_core.judges import (
+        DEMO_FID_LABEL,
+        classifier_fid,
+        heldout_description,
+        judge_files,
+        load_demo_classifier,
+        load_judge_part,
+    )
 
     pipe = pipeline_from_config(cfg).to(device)
     data = pipe.extra.get("data", {})

@@ -24,9 +24,9 @@ from eval.inception_mode import evaluate_generator
 from eval.rfid_mode import evaluate_tokenizer
 from generator.sampler import SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
-from titok_core.errors import UsageError, exit_on_user_error
 from titok_core.checkpoints import MissingWeightsError, atomic_path
 from titok_core.cli import Ranges, hydra_entry
+from titok_core.errors import UsageError, exit_on_user_error
 
 # Old spellings on the command line, refused with the new key (see CHANGELOG.md).
 RENAMED = {

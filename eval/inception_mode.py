@@ -25,8 +25,8 @@ from sampling.fast import pipelined
 from titok_core.errors import UsageError
 from titok_core.images import save_png, to_uint8
 from titok_core.metrics import fid_from_stats
-from titok_core.runtime import autocast
 from titok_core.runs import file_identity
+from titok_core.runtime import autocast
 
 log = logging.getLogger(__name__)
 

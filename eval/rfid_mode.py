@@ -16,12 +16,12 @@ from tqdm import tqdm
 from eval.fidelity import InceptionFeatures
 from eval.reference import center_crop_uint8
 from eval.state import Progress, fingerprint
+from titok_core.data import list_image_files
 from titok_core.errors import MissingFileError, UsageError
 from titok_core.images import to_uint8
-from titok_core.data import list_image_files
 from titok_core.metrics import fid_from_stats, psnr, ssim
-from titok_core.runtime import autocast
 from titok_core.runs import dataset_identity, file_identity
+from titok_core.runtime import autocast
 from tokenizer import CheckpointError, load_tokenizer
 
 

@@ -13,11 +13,23 @@ from pathlib import Path
 from generator import official
 from generator.assets import SHIPPED, shipped_path
 from generator.model import (
-    CONFIG_KEYS, LEGACY_KEYS, ImageBert, MaskedTokenGenerator, UViT, build_generator, config_from_file,
+    CONFIG_KEYS,
+    LEGACY_KEYS,
+    ImageBert,
+    MaskedTokenGenerator,
+    UViT,
+    build_generator,
+    config_from_file,
 )
 from generator.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
 from titok_core.checkpoints import (
-    CheckpointError, load_strict, read_model_extra, read_own_model, read_state_dict, require_weights, resolve_spec,
+    CheckpointError,
+    load_strict,
+    read_model_extra,
+    read_own_model,
+    read_state_dict,
+    require_weights,
+    resolve_spec,
 )
 from titok_core.errors import UsageError
 

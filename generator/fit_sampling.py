@@ -53,11 +53,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS, plan_steps, sample_tokens
-from titok_core.checkpoints import (CheckpointError, atomic_path, read_model_extra, read_model_file,
-                                    save_model_file)
+from titok_core.checkpoints import CheckpointError, atomic_path, read_model_extra, read_model_file, save_model_file
 from titok_core.cli import Ranges, hydra_entry
-from titok_core.images import to_uint8
 from titok_core.errors import MissingFileError, UsageError, exit_on_user_error
+from titok_core.images import to_uint8
 from titok_core.runtime import autocast, pick_device, resolve_dtype
 from titok_core.stopping import at_safe_points, stop_point
 

@@ -82,7 +82,8 @@ class MaskGITModule(L.LightningModule):
         self, *, model_config: dict, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.96),
         weight_decay: float = 0.03, warmup_steps: int = 10_000, max_steps: int = 500_000, end_lr: float = 1e-5,
         label_smoothing: float = 0.1, unmasked_weight: float = 0.1, class_dropout: float = 0.1,
-        mask_schedule: str = "arccos", loss_weighting: str = "official", ema: bool = True, ema_decay: float = 0.999, fused_adamw: bool | None = None, compile: bool = False,
+        mask_schedule: str = "arccos", loss_weighting: str = "official", ema: bool = True, ema_decay: float = 0.999,
+        fused_adamw: bool | None = None, compile: bool = False,
     ):
         """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_decay:
         the EMA of the weights, which the entry point adds as ``titok_core.trainer.ema_callback``.

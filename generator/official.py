@@ -32,8 +32,8 @@ import re
 
 import torch
 
-from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError, key_mismatches
+from titok_core.errors import UsageError
 
 BERT_LAYER_NORM_EPS = 1e-12
 GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")

@@ -47,7 +47,8 @@ def prepare_cache(cfg: DictConfig, tokenizer, run: training.Run | None = None) -
     cache_dir, _ = open_cache(
         tokenizer=tokenizer, tokenizer_source=str(cfg.tokenizer.spec), data=cfg.data, cache=cfg.cache, device=device,
         identity=identity,
-        refuse_to_build="with several nodes, build it first with python -m generator.cache" if cfg.trainer.num_nodes > 1 else None,
+        refuse_to_build=("with several nodes, build it first with python -m generator.cache"
+                         if cfg.trainer.num_nodes > 1 else None),
     )
     return cache_dir
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from generator.sampler import draw_uniforms, plan_steps, sampling_step
 from titok_core.errors import UsageError
 from titok_core.images import to_uint8
-from generator.sampler import draw_uniforms, plan_steps, sampling_step
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -14,13 +14,18 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from sampling.pipeline import (
-    RENAMED_MODEL_KEYS, load_pipeline, parse_classes, pipeline_kwargs, sample_images, save_samples,
-)
 from generator.sampler import SAMPLING_RANGES
 from sampling.classes import class_names
-from titok_core.errors import PathTakenError, UsageError, exit_on_user_error
+from sampling.pipeline import (
+    RENAMED_MODEL_KEYS,
+    load_pipeline,
+    parse_classes,
+    pipeline_kwargs,
+    sample_images,
+    save_samples,
+)
 from titok_core.cli import Ranges, hydra_entry
+from titok_core.errors import PathTakenError, UsageError, exit_on_user_error
 from titok_core.runtime import pick_device
 
 

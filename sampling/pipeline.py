@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS, sample_tokens, sampling_overrides
-from tokenizer import CheckpointError, load_tokenizer, require_discrete
-from titok_core.errors import UsageError
 from titok_core.checkpoints import read_model_extra
+from titok_core.errors import UsageError
 from titok_core.images import save_png
 from titok_core.runtime import autocast
+from tokenizer import CheckpointError, load_tokenizer, require_discrete
 
 log = logging.getLogger(__name__)
 # The old spellings of sampling.generate, sampling.serve and eval.gfid, refused with the new name.
@@ -93,7 +93,8 @@ def load_pipeline(
         tok_spec = GENERATOR_PRESETS[generator]["tokenizer"]
     tok_ckpt = tokenizer_checkpoint if tokenizer_checkpoint is not None else trained_on.get("checkpoint")
     if tok_spec is None:
-        raise CheckpointError("which tokenizer decodes this generator's tokens? pass tokenizer.spec=... (and tokenizer.checkpoint=...)")
+        raise CheckpointError("which tokenizer decodes this generator's tokens? "
+                              "pass tokenizer.spec=... (and tokenizer.checkpoint=...)")
     tok = load_tokenizer(tok_spec, tok_ckpt, random_weights=random_weights)
     require_discrete(tok, "MaskGIT generation")
     if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.num_tokens:

@@ -34,13 +34,17 @@ from omegaconf import DictConfig
 
 from generator.official import GUIDANCE_DECAYS
 from generator.sampler import SAMPLING_KEYS, SAMPLING_RANGES
-from sampling.pipeline import RENAMED_MODEL_KEYS
-from titok_core.errors import MissingPackageError, UsageError, UserError, exit_on_user_error
-from titok_core.cli import Ranges, hydra_entry
 from sampling.classes import class_choice, class_names, find_class
 from sampling.pipeline import (
-    Pipeline, load_pipeline, pipeline_kwargs, sample_images, save_samples,
+    RENAMED_MODEL_KEYS,
+    Pipeline,
+    load_pipeline,
+    pipeline_kwargs,
+    sample_images,
+    save_samples,
 )
+from titok_core.cli import Ranges, hydra_entry
+from titok_core.errors import MissingPackageError, UsageError, UserError, exit_on_user_error
 from titok_core.runtime import pick_device, resolve_dtype
 
 MAX_SEED = 2**31 - 1  # a range that every number box (JavaScript doubles) and tool keeps exact

@@ -265,11 +265,10 @@ class Official:
         are built with ``weights=None`` (torchvision's VGG16 and ConvNeXt-S) and
         ``LPIPS.load_pretrained`` does nothing; their weights are re-randomised afterwards."""
         if self._training is None:
-            import torchvision
-
             import modeling.modules.losses as losses  # noqa: E402  (from the checkout; imports the diffusion loss too)
             import modeling.modules.lpips as lpips_module
             import modeling.modules.perceptual_loss as perceptual_module
+            import torchvision
             from modeling.modules.discriminator import NLayerDiscriminator
             from modeling.quantizer.quantizer import VectorQuantizer
 
@@ -962,7 +961,6 @@ def _official_perceptual(t, name: str, nets):
 
 
 def training_perceptual(t, writer: Writer, rel: str, nets) -> dict:
-    import torch
 
     e, what = {}, {}
     small = training_images(TRAINING_SEEDS["inputs"], 1)
@@ -1062,7 +1060,7 @@ def training_losses(t, writer: Writer, rel: str, nets) -> dict:
         "inputs": f"x, r = training_images({TRAINING_SEEDS['inputs']}, step) (r requires grad on the generator side); "
                   f"extra = training_extras({TRAINING_SEEDS['inputs']}, step, vae=...) (VAE: "
                   "DiagonalGaussianDistribution(posterior)); not stored",
-        "weights": f"the discriminator of discriminator/ case default; the perceptual networks of perceptual/",
+        "weights": "the discriminator of discriminator/ case default; the perceptual networks of perceptual/",
         "keys": "gen{step}_{loss_dict key} (float32 scalars; discriminator_factor and d_weight as float32), "
                 "gen{step}_grad_reconstructions [B,3,32,32], gen{step}_grad_posterior (VAE, official layout "
                 "[B,2C,1,N]); dis{step}_{loss_dict key}, dis{step}_grad_norms / _grad_heads (the discriminator's "

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO  # noqa: E402
+
 PAD = 2  # sampling and reconstruction grids: torchvision's make_grid padding
 
 

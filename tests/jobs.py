@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from conftest import REPO
 
+from conftest import REPO
 
 
 def job_env(extra: dict | None = None) -> dict:

@@ -155,7 +155,8 @@ def adm_reference(official_tiny, tmp_path_factory) -> Path:
 
     fx = official_tiny
     pipe = load_pipeline(
-        generator={"spec": fx / "generator_imagebert" / "config.yaml", "checkpoint": fx / "generator_imagebert" / "generator.bin"},
+        generator={"spec": fx / "generator_imagebert" / "config.yaml",
+                   "checkpoint": fx / "generator_imagebert" / "generator.bin"},
         tokenizer={"spec": fx / "tokenizer" / "config.yaml", "checkpoint": fx / "tokenizer" / "tokenizer.bin"},
     )
     own = sample_images(pipe, torch.arange(10), seed=99, batch_size=10, dtype="fp32")

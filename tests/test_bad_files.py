@@ -23,6 +23,7 @@ from titok_core.checkpoints import CheckpointError, save_model_file
 from titok_core.data import ImageFolderDataset, count_skipped
 from titok_core.formats import ShardError, WebDatasetTrainStream, open_split
 from tokenizer import load_tokenizer
+
 from conftest import FIXTURES, REPO
 
 VQ8K = FIXTURES / "official_vq8k_tiny"  # a 32 px tokenizer
@@ -160,9 +161,9 @@ def test_bad_images_are_skipped_named_once_and_counted_in_the_cache(fmt, tok, tm
 
 def test_rfid_and_tokenizer_training_count_the_skipped(tmp_path, caplog):
     from omegaconf import OmegaConf
+    from test_tokenizer_train import _cfg
 
     from eval.rfid_mode import _rfid_batches, rfid_images
-    from test_tokenizer_train import _cfg
     from tokenizer.train import train
 
     root = _write_folder(tmp_path / "data", _samples())

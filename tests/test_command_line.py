@@ -15,9 +15,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from commands import REPO, assert_one_line_error, run_module, tiny_args, tiny_generator_file, tiny_models
 from titok_core.cli import CONF, _flat_keys, describe_options
 from titok_core.errors import BadFileError, MissingFileError, UsageError, UserError, exit_on_user_error
+
+from commands import REPO, assert_one_line_error, run_module, tiny_args, tiny_generator_file, tiny_models
 
 ENTRY_POINTS = {  # config -> module
     "generator/train": "generator.train",

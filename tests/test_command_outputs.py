@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from commands import PAD, json_line, png_size, run_module as run_cli, tiny_args, tiny_generator_file, tiny_models, write_pngs
+from commands import PAD, json_line, png_size, tiny_args, tiny_generator_file, tiny_models, write_pngs
+from commands import run_module as run_cli
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,8 @@ def test_gfid_inception_and_resume(tiny, tmp_path, inception_weights, reference_
 def test_gfid_rfid(tiny, tmp_path, inception_weights):
     write_pngs(tmp_path / "val", 6)
     proc = run_cli(
-        "eval.gfid", "mode=rfid", f"tokenizer.spec={tiny['tokenizer.spec']}", f"tokenizer.checkpoint={tiny['tokenizer.checkpoint']}",
+        "eval.gfid", "mode=rfid", f"tokenizer.spec={tiny['tokenizer.spec']}",
+        f"tokenizer.checkpoint={tiny['tokenizer.checkpoint']}",
         f"data.root={tmp_path / 'val'}", "num_samples=6", "batch_size=3", f"inception_weights={inception_weights}",
         f"state_dir={tmp_path / 'state'}", f"out={tmp_path / 'rfid.json'}", "trainer.accelerator=cpu", "dtype=fp32", cwd=tmp_path,
     )

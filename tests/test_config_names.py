@@ -9,7 +9,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FIXTURES
 from generator import build_generator, load_generator
 from generator.assets import shipped_path as shipped_generator
 from generator.cache import tokenizer_fingerprint
@@ -17,6 +16,8 @@ from titok_core.checkpoints import CONFIG_KEY, CheckpointError, read_config_file
 from tokenizer import TiTok, TiTokConfig, build_tokenizer, load_tokenizer, official, require_discrete
 from tokenizer.assets import shipped_path
 from tokenizer.config import config_from_file
+
+from conftest import FIXTURES
 
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,

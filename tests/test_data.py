@@ -12,7 +12,13 @@ from torchvision import transforms
 
 from titok_core import demo_shapes
 from titok_core.data import (
-    ImageFolderDataset, collate_skip_bad, list_image_files, list_images, load_image_rgb, preprocess, to_rgb,
+    ImageFolderDataset,
+    collate_skip_bad,
+    list_image_files,
+    list_images,
+    load_image_rgb,
+    preprocess,
+    to_rgb,
 )
 from titok_core.demo_shapes import CLASS_NAMES, image_rng, make_demo_dataset, render_demo_image, render_demo_sample
 

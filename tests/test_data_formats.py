@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CONF, FIXTURES
 from generator.cache import build_stream_shards, build_token_cache, cache_manifest, merge_shards
-from tokenizer import load_tokenizer
 from titok_core.formats import detect_format, has_split, open_split
+from tokenizer import load_tokenizer
+
+from conftest import CONF, FIXTURES
 
 CLASSES = ["n01_cat", "n02_dog", "n03_eel"]
 

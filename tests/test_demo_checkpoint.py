@@ -4,9 +4,9 @@ use at every position, and the generator trained on that tokenizer's tokens."""
 import numpy as np
 import torch
 
+from titok_core.demo_shapes import CLASS_NAMES, image_rng, render_demo_image
 from tokenizer import load_tokenizer
 from tokenizer.assets import shipped_path
-from titok_core.demo_shapes import CLASS_NAMES, image_rng, render_demo_image
 
 README_PSNR = 26.88  # README "The demo tokenizer": held-out PSNR of the shipped file (stage 5) on these 200 images
 
@@ -39,10 +39,11 @@ def test_shipped_demo_tokenizer_psnr():
 def test_shipped_demo_generator_models_the_shipped_tokenizers_tokens():
     """The two shipped files are a pair: maskgit_demo was trained on titok_demo's tokens (retrain
     it whenever the tokenizer changes), and it carries the demo experiment's sampling settings."""
-    from conftest import compose_config
     from generator import load_generator
     from generator.assets import shipped_path as shipped_generator
     from titok_core.checkpoints import read_model_extra
+
+    from conftest import compose_config
 
     gen = load_generator("maskgit_demo")
     assert read_model_extra(shipped_generator("maskgit_demo"))["tokenizer"]["spec"] == "titok_demo"

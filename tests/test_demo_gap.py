@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
+from test_eval import _demo_folder
 
-from titok_core import judges as demo
 from eval.demo_mode import gap_ratios
+from titok_core import judges as demo
+
 from commands import assert_one_line_error, json_line, tiny_args, tiny_models
 from conftest import REPO
-from test_eval import _demo_folder
 
 
 def run_gfid(*args: str, cwd, cache) -> subprocess.CompletedProcess:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from titok_core import judges as demo
 from eval.gfid import precision_recall
+from titok_core import judges as demo
 
 
 def _shape_images(n: int, size: int = 32, seed: int = 0):

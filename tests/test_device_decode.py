@@ -8,8 +8,8 @@ from PIL import Image
 
 from generator.cache import build_token_cache
 from generator.device_decode import EncodedImages, decode_batch, device_decodable
-from tokenizer import load_tokenizer
 from titok_core.data import ImageFolderDataset
+from tokenizer import load_tokenizer
 
 
 def _smooth(h, w, seed, channels=3):

@@ -31,10 +31,10 @@ from eval.reference import (
     save_reference_stats,
     stats_from_npz_images,
 )
+from titok_core.checkpoints import CheckpointError
 from titok_core.data import list_image_files
 from titok_core.images import to_uint8
 from titok_core.metrics import fid_from_stats, psnr, ssim
-from titok_core.checkpoints import CheckpointError
 
 
 def _images(seed: int, n: int, size: int = 40, tint: tuple = (0, 0, 0)) -> torch.Tensor:

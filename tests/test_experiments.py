@@ -16,10 +16,10 @@ own ``resolve_model`` (tokenizer.presets, generator.presets) and built on torch'
 """
 from __future__ import annotations
 
-import os
 import gzip
 import json
 import math
+import os
 import re
 import subprocess
 import warnings
@@ -31,19 +31,25 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors import safe_open
 
-from generator import build_generator, official as generator_official
+from generator import build_generator
+from generator import official as generator_official
 from generator.assets import shipped_path as shipped_generator
-from generator.presets import PRESETS as GENERATOR_PRESETS, resolve_model as resolve_generator
+from generator.presets import PRESETS as GENERATOR_PRESETS
+from generator.presets import resolve_model as resolve_generator
 from generator.sampler import sampling_overrides
 from sampling.classes import IMAGENET_NUM_CLASSES
 from titok_core.builtin import NATIVE_SIZE
 from titok_core.checkpoints import EXTRA_KEY
 from titok_core.demo_shapes import CLASS_NAMES as DEMO_CLASSES
 from titok_core.runs import builtin_for, default_run_dir
-from tokenizer import build_tokenizer, load_tokenizer, official as tokenizer_official
+from tokenizer import build_tokenizer, load_tokenizer
+from tokenizer import official as tokenizer_official
 from tokenizer.assets import shipped_path as shipped_tokenizer
-from tokenizer.presets import PRESETS as TOKENIZER_PRESETS, resolve_model as resolve_tokenizer, titok_small
+from tokenizer.presets import PRESETS as TOKENIZER_PRESETS
+from tokenizer.presets import resolve_model as resolve_tokenizer
+from tokenizer.presets import titok_small
 from tokenizer.train_data import first_image_side
+
 from conftest import FIXTURES, REPO
 
 CONF = REPO / "conf"
@@ -517,7 +523,8 @@ def test_rebuild_script_installs_the_pair(tmp_path):
     save_model_file(gen, kind="generator", config={"hidden_size": 4}, state_dict={"w": torch.ones(2)}, extra=extra)
 
     out = subprocess.run(["bash", str(repo / "scripts" / "rebuild_demo_models.sh"), "--install"], cwd=work,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "+ " + sys.executable + " -m" not in out.stdout  # every run was done already
     assert (repo / "tokenizer" / "assets" / "titok_demo.safetensors").read_bytes() == b"stage 5"

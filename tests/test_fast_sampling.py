@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from generator import build_generator
+from generator.sampler import plan_steps
 from sampling import sample_tokens
 from sampling.fast import FastDecoder, StaticSampler, pipelined, to_uint8
-from generator.sampler import plan_steps
 from tokenizer import load_tokenizer
 
 SAMPLING = dict(

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from generator.cache import FORMAT, TokenDataset
-from generator.token_data import DeviceTokenLoader, EpochOrder, TokenDataModule, epoch_indices
 from generator.lightning_module import MaskGITModule
+from generator.token_data import DeviceTokenLoader, EpochOrder, TokenDataModule, epoch_indices
 
 TINY = dict(arch="imagebert", hidden_size=32, depth=2, num_heads=2, mlp_dim=64, codebook_size=64, num_tokens=8,
             num_classes=10, dropout=0.0, attn_drop=0.0)

@@ -23,12 +23,21 @@ from PIL import Image
 from safetensors import safe_open
 
 from generator import build_generator, load_generator
-from generator.fit_sampling import (STATE_KIND, Figures, SearchOptions, coordinate_search, fit_file,
-                                    parse_duration, state_path, summary)
+from generator.fit_sampling import (
+    STATE_KIND,
+    Figures,
+    SearchOptions,
+    coordinate_search,
+    fit_file,
+    parse_duration,
+    state_path,
+    summary,
+)
 from generator.sampler import SAMPLING_KEYS
-from jobs import REPO, Job, job_env
 from titok_core.checkpoints import read_model_extra, read_model_file, save_model_file
 from tokenizer import build_tokenizer
+
+from jobs import REPO, Job, job_env
 
 DEFAULTS = {"num_steps": 8, "guidance_scale": 3.0, "guidance_decay": "linear", "guidance_scale_pow": 3.0,
             "randomize_temperature": 2.5, "softmax_temperature_annealing": True}
@@ -369,8 +378,9 @@ def test_explicit_sampling_options_win_over_the_fitted_ones(uninterrupted, monke
     assert generate(classes=0, n=2, generator={"checkpoint": "fitted.safetensors"}, out_dir="samples",
                     device="cpu")["sampling"] == chosen
     # eval.gfid reads the same way (its sampling group, null: the file's)
-    from conftest import compose_config
     from eval.samples import pipeline_from_config
+
+    from conftest import compose_config
 
     cfg = compose_config("eval.gfid", ["generator.checkpoint=fitted.safetensors", "sampling.randomize_temperature=7.0"])
     assert pipeline_from_config(cfg).sampling == {**chosen, "randomize_temperature": 7.0}

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+
 from conftest import FIXTURES, REPO
 
 SCRIPT = REPO / "scripts" / "make_official_fixtures.py"

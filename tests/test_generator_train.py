@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_config
 from generator import load_generator
 from generator.train import train
 from titok_core.checkpoints import read_model_extra
 
+from conftest import REPO, compose_config
 
 
 def _overrides(fx, tmp_path, steps):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF
 from eval.fidelity import InceptionFeatures
 from eval.gfid import run
 from eval.reference import load_reference_stats, save_reference_stats
@@ -14,6 +13,8 @@ from eval.samples import class_balanced_labels, pipeline_from_config
 from sampling import sample_tokens
 from titok_core.images import to_uint8
 from titok_core.metrics import fid_from_stats
+
+from conftest import CONF
 
 EVAL_CONF = CONF / "eval"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from titok_bench.gpu_check import ALL_STEPS, Plan, Run, _junit, _replace, parse_args
+
 from conftest import REPO
 
 BUDGET_S = 150  # about 40 s on an idle 2-core machine; the budget only bites when the machine is busy

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from conftest import REPO
 
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import Job
 from conftest import REPO
+from jobs import Job
 
 TINY = REPO / "tests" / "fixtures" / "official_tiny"
 SEED = 7351  # every kill point below derives from it

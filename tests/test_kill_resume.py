@@ -30,8 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import Job, job_env
 from conftest import REPO
+from jobs import Job, job_env
 
 TOKENIZER = REPO / "tests" / "fixtures" / "official_tiny" / "tokenizer"
 SEED = 20240611  # the kill points of every test derive from it

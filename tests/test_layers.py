@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
 LAYERS = ["titok_core", "tokenizer", "generator", "sampling", "eval", "titok_bench"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from generator.train import _main, train
-from row_log import record_rows
 from titok_core.trainer import accumulation_for, build_trainer
+
+from row_log import record_rows
 
 
 def _args(fx: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:

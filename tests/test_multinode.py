@@ -34,8 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from row_log import ROWS_LOG_ENV, SITECUSTOMIZE as ROWS
 from conftest import REPO
+from row_log import ROWS_LOG_ENV
+from row_log import SITECUSTOMIZE as ROWS
 
 STEPS, BATCH = 4, 16
 # What a scheduler or launcher may have left in this environment; each launch here sets its own.

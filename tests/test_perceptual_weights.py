@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tokenizer_train import TINY, _cfg, _image_folder
 from torchvision import models
 
-from test_tokenizer_train import TINY, _cfg, _image_folder
 from titok_core.checkpoints import CheckpointError
 from tokenizer import perceptual
 from tokenizer.lightning_module import TiTokModule

@@ -27,9 +27,13 @@ def test_the_python_example_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_the_model_table_is_the_presets_table():
-    from generator.presets import HUB_REPOS as GEN_REPOS, IN_BIN_REPO as GEN_BIN, RELEASED_FILES as GEN_FILES
+    from generator.presets import HUB_REPOS as GEN_REPOS
+    from generator.presets import IN_BIN_REPO as GEN_BIN
+    from generator.presets import RELEASED_FILES as GEN_FILES
     from titok_core.checkpoints import BIN_REPO
-    from tokenizer.presets import HUB_REPOS as TOK_REPOS, IN_BIN_REPO as TOK_BIN, RELEASED_FILES as TOK_FILES
+    from tokenizer.presets import HUB_REPOS as TOK_REPOS
+    from tokenizer.presets import IN_BIN_REPO as TOK_BIN
+    from tokenizer.presets import RELEASED_FILES as TOK_FILES
 
     rows = re.findall(r"^\| [^|]+ \| `(\w+)` \| `([\w/]+)` \| `([\w.]+)` \|$", README, re.M)
     table = {preset: (repo, file) for preset, repo, file in rows}

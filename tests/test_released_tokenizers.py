@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import FIXTURES
-from tokenizer import CheckpointError, PRESETS, load_tokenizer, official
 from titok_core.checkpoints import key_mismatches, read_config_file
+from tokenizer import PRESETS, CheckpointError, load_tokenizer, official
 from tokenizer.presets import HUB_REPOS, RELEASED_FILES
+
+from conftest import FIXTURES
 
 RELEASED = ["titok_l32", "titok_b64", "titok_s128", "titok_bl64_vq8k", "titok_bl128_vq8k", "titok_sl256_vq8k",
             "titok_ll32_vae_c16", "titok_bl64_vae_c16", "titok_bl128_vae_c16"]

@@ -14,10 +14,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, compose_config
 from titok_core.runs import (
-    RunMismatchError, builtin_for, dataset_fingerprint, default_run_dir, require_dataset, start_run,
+    RunMismatchError,
+    builtin_for,
+    dataset_fingerprint,
+    default_run_dir,
+    require_dataset,
+    start_run,
 )
+
+from conftest import REPO, compose_config
 
 TINY = {  # a 16x16 FSQ TiTok that trains in seconds
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2, "dec_width": 32,

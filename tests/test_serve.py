@@ -25,8 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from commands import PAD, assert_one_line_error, run_module as run_cli  # tests/ is on sys.path under pytest
 from titok_core.demo_shapes import CLASS_NAMES
+
+from commands import PAD, assert_one_line_error  # tests/ is on sys.path under pytest
+from commands import run_module as run_cli
 from conftest import REPO
 
 SIZE = 32  # the tiny tokenizer's images
@@ -44,8 +46,8 @@ def make_tiny_models(folder: Path) -> Path:
     """A random TiTok and a random ImageBert that records it, its sampling settings and class names;
     returns the generator file (all ``sampling.serve`` needs)."""
     from generator import build_generator
-    from tokenizer import build_tokenizer
     from titok_core.checkpoints import save_model_file
+    from tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,10 +168,10 @@ def test_handler_rejects_bad_input(service, bad, message):
 def test_handler_samples_and_echoes_the_generate_command(service, tmp_path):
     """The page's files: n PNGs + grid (zip), progress per sampler step; the echoed command line
     makes sampling.generate write byte-identical PNGs."""
-    from conftest import compose_config
-
     from sampling.generate import generate, generate_kwargs
     from sampling.serve import handle_request
+
+    from conftest import compose_config
 
     steps = []
     grid, archive, summary, command = handle_request(

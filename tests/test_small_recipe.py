@@ -9,13 +9,12 @@ import torch
 from PIL import Image
 
 from titok_core import runtime
-from tokenizer import build_tokenizer
 from titok_core.data import ImageFolderDataset, InMemoryImages
-from tokenizer.model import FSQ
-from tokenizer.presets import small_image_size, titok_small
 from titok_core.lr_schedule import parse_max_time, schedule_callbacks, warmup_cosine
-from tokenizer.presets import resolve_model
+from tokenizer import build_tokenizer
 from tokenizer.losses import gradient_loss
+from tokenizer.model import FSQ
+from tokenizer.presets import resolve_model, small_image_size, titok_small
 from tokenizer.token_prior import TokenPrior
 
 

@@ -40,7 +40,8 @@ def tok(official_tiny):
 
 def test_cache_holds_images_and_flips(tok, tmp_path):
     data = Images(10, bad=[3])
-    manifest = build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=data, out_dir=tmp_path / "c", batch_size=4, dtype="fp32")
+    manifest = build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=data,
+                                 out_dir=tmp_path / "c", batch_size=4, dtype="fp32")
     assert manifest["num_images"] == 10 and manifest["num_skipped"] == 1 and manifest["num_sequences"] == 18
     assert manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok)
     tokens = np.load(tmp_path / "c" / "tokens.npy", mmap_mode="r")
@@ -61,7 +62,8 @@ def test_cache_holds_images_and_flips(tok, tmp_path):
 def test_kill_loses_at_most_the_batch_in_flight_and_rerun_resumes(tok, tmp_path):
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
-        build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10, crash_at=8), out_dir=out, batch_size=4, dtype="fp32")
+        build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10, crash_at=8), out_dir=out,
+                          batch_size=4, dtype="fp32")
     done = sorted(p.name for p in (out / "shards").glob("shard_*.npz"))
     assert done == ["shard_000000.npz", "shard_000001.npz"]  # the two batches before the kill
     assert not (out / "manifest.json").exists()
@@ -69,19 +71,22 @@ def test_kill_loses_at_most_the_batch_in_flight_and_rerun_resumes(tok, tmp_path)
     calls = []
     encode = tok.encode
     tok.encode = lambda x: calls.append(len(x)) or encode(x)
-    manifest = build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10), out_dir=out, batch_size=4, dtype="fp32")
+    manifest = build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10), out_dir=out,
+                                 batch_size=4, dtype="fp32")
     assert calls == [4]  # only the missing shard (2 images + their flips)
     assert manifest["num_sequences"] == 20
 
     with pytest.raises(CacheMismatchError, match="half-built"):
         out2 = tmp_path / "d"
         with pytest.raises(KeyboardInterrupt):
-            build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10, crash_at=4), out_dir=out2, batch_size=4, dtype="fp32")
+            build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10, crash_at=4), out_dir=out2,
+                              batch_size=4, dtype="fp32")
         build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(10), out_dir=out2, batch_size=2, dtype="fp32")
 
 
 def test_foreign_cache_is_refused(tok, tmp_path):
-    build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(4), out_dir=tmp_path / "c", batch_size=4, dtype="fp32")
+    build_token_cache(tokenizer=tok, tokenizer_source="tiny", dataset=Images(4), out_dir=tmp_path / "c",
+                      batch_size=4, dtype="fp32")
     with pytest.raises(CacheMismatchError, match="made by another tokenizer"):
         check_cache(tmp_path / "c", fingerprint="0123456789abcdef")
     with pytest.raises(CacheMismatchError, match="resolution 64, not 256"):
@@ -161,8 +166,8 @@ def _folder(root, n=4, *, seed=0):
 
 
 def _build(tok, root, out, **kw):
-    from titok_core.runs import dataset_identity
     from titok_core.formats import open_split
+    from titok_core.runs import dataset_identity
 
     data = dataset_identity(root, "train")
     dataset = open_split(root, "train", resolution=tok.image_size)
@@ -180,7 +185,8 @@ def test_the_dataset_is_recorded_and_a_cache_of_another_dataset_is_refused(tok, 
     assert check_cache(tmp_path / "c", data=data)["num_sequences"] == 8
 
     other = dataset_identity(b, "train")
-    with pytest.raises(CacheMismatchError, match=r"manifest.json was made from another dataset: root \(was .*a/data, now .*b/data\)"):
+    expected = r"manifest.json was made from another dataset: root \(was .*a/data, now .*b/data\)"
+    with pytest.raises(CacheMismatchError, match=expected):
         check_cache(tmp_path / "c", data=other)
     with pytest.raises(CacheMismatchError, match="made from another dataset: root"):
         _build(tok, b, tmp_path / "c")  # the same cache.dir given for the other dataset

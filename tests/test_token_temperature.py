@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from generator import build_generator
-from generator.sampler import (SAMPLING_DEFAULTS, SAMPLING_KEYS, Step, StepKind, draw_uniforms, plan_steps,
-                               sampling_overrides, sampling_step)
+from generator.sampler import (
+    SAMPLING_DEFAULTS,
+    SAMPLING_KEYS,
+    Step,
+    StepKind,
+    draw_uniforms,
+    plan_steps,
+    sampling_overrides,
+    sampling_step,
+)
 from sampling import sample_tokens
 from sampling.fast import StaticSampler
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from conftest import compose_config
 from test_tokenizer_train import TINY, _image_folder
+
 from titok_core.checkpoints import save_model_file
 from titok_core.errors import UsageError
 from tokenizer import build_tokenizer, load_tokenizer
 from tokenizer.train import train
+
+from conftest import compose_config
 
 GAN = ["loss.gan.weight=0.1", "loss.gan.start_step=1", "loss.gan.lecam_weight=0.001", "loss.gan.channels=32",
        "loss.gan.layers=2", "loss.random_weights=true"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tokenizer import CheckpointError, load_tokenizer, official
 from titok_core.checkpoints import read_config_file
+from tokenizer import CheckpointError, load_tokenizer, official
 
 
 def _load(fx):

@@ -8,14 +8,15 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config
 from tokenizer import TiTokConfig, load_tokenizer
-from tokenizer.model import PixelDecoder
-from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
-from tokenizer.figures import usage_figure
-from tokenizer.train import train
 from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
+from tokenizer.figures import usage_figure
+from tokenizer.model import PixelDecoder
 from tokenizer.perceptual import LPIPS_CHANNELS, build_lpips
+from tokenizer.proxy_codes import VQGANEncoder, load_maskgit_vqgan
+from tokenizer.train import train
+
+from conftest import compose_config
 
 TINY = {
     "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,

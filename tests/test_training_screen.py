@@ -8,8 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-
 from jobs import job_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader
 
 from generator.cache.shards import _collate, _on_device, _ShardBatches, build_shards
 from generator.device_decode import EncodedImages, collate_encoded, decode_batch
-from tokenizer import PRESETS, load_tokenizer
 from titok_bench.flags import renamed_flags
 from titok_bench.timing import largest_batch, peak_memory_mb
 from titok_core.data import ImageFolderDataset
 from titok_core.runtime import autocast, pick_device
+from tokenizer import PRESETS, load_tokenizer
 
 IMAGENET_SIZES = [(500, 375), (375, 500), (500, 333), (500, 500), (333, 500), (500, 400), (640, 480), (400, 300)]
 

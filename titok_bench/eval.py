@@ -1,7 +1,7 @@
 """Benchmark gFID evaluation: ``eval.gfid mode=inception`` end to end, with random weights everywhere.
 
     python -m titok_bench.eval --generator-spec maskgit_l32 --num-samples 50000 --batch-size 125
-    python -m titok_bench.eval --generator-spec maskgit_l32 --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
+    python -m titok_bench.eval --num-samples 5000 --sampler-compile reduce-overhead --decoder-compile default
 Runs the real evaluation (sampling, decoding and Inception streamed batch by batch, over
 classes balanced as for the paper's 50,000 samples) with random generator and tokenizer
 weights, a randomly initialised Inception and random reference statistics: the FID it prints

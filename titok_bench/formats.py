@@ -17,10 +17,10 @@ import time
 import torch
 
 from generator.cache.build import build_token_cache
-from tokenizer import load_tokenizer
 from titok_bench.flags import renamed_flags
 from titok_core.formats import FORMATS, open_split
 from titok_core.runtime import pick_device
+from tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from generator import load_generator
+from generator.lightning_module import MaskGITModule
 from generator.presets import PRESETS
 from generator.token_data import DeviceTokenLoader, EpochOrder, TokenDataModule
-from generator.lightning_module import MaskGITModule
-from titok_core.trainer import ema_callback
 from titok_bench.flags import renamed_flags
 from titok_bench.timing import largest_batch, peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
+from titok_core.trainer import ema_callback
 
 IMAGENET_SEQUENCES = 2 * 1_281_167  # each image and its mirror
 

@@ -27,9 +27,9 @@ import traceback
 import torch
 
 from generator.presets import PRESETS
+from generator.sampler import sample_tokens
 from sampling.fast import COMPILE_MODES, FastDecoder, StaticSampler, pipelined, to_uint8
 from sampling.pipeline import load_pipeline
-from generator.sampler import sample_tokens
 from titok_bench.flags import pipeline_flags
 from titok_bench.timing import largest_batch, peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "ids_equal_share": round(float(eq.float().mean()), 5),
                     "rows_equal_share": round(float(rows.float().mean()), 5),
                     "ids_equal_share_temperature_0": round(float((got["ids_t0"] == reference["ids_t0"]).float().mean()), 5),
-                    "decoder_max_abs_diff_uint8": int(diff.max()), "decoder_mean_abs_diff_uint8": round(float(diff.float().mean()), 4),
+                    "decoder_max_abs_diff_uint8": int(diff.max()),
+                    "decoder_mean_abs_diff_uint8": round(float(diff.float().mean()), 4),
                     "images_max_abs_diff_uint8_rows_with_equal_ids": (
                         int((got["images"][rows].int() - reference["images"][rows].int()).abs().max()) if rows.any() else None
                     ),

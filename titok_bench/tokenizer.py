@@ -10,10 +10,10 @@ import json
 
 import torch
 
-from tokenizer import PRESETS, load_tokenizer
 from titok_bench.flags import renamed_flags
 from titok_bench.timing import peak_memory_mb, time_call
 from titok_core.runtime import autocast, pick_device
+from tokenizer import PRESETS, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:

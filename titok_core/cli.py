@@ -175,7 +175,8 @@ def check_command_line(
     group_dirs = {p.name for p in config_dir.iterdir() if p.is_dir()}
     selections = [f"{p}{k}={v}" for p, k, v in overrides if k.split("/")[0] in group_dirs and "." not in k]
     for _, key, value in overrides:
-        if key in group_dirs and value and value != "null" and _NAME.match(value) and not (config_dir / key / f"{value}.yaml").is_file():
+        if (key in group_dirs and value and value != "null" and _NAME.match(value)
+                and not (config_dir / key / f"{value}.yaml").is_file()):
             choices = sorted(f.stem for f in (config_dir / key).glob("*.yaml"))
             raise UsageError(f"{key}={value}: no such {key}{_closest(value, choices)}; the {key}s are: {', '.join(choices)}")
         if key == "trainer.max_time" and value and value.strip("'\"") != "null" and not _DURATION.match(value.strip("'\"")):
@@ -286,7 +287,8 @@ def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
     width = min(34, max((len(k) for k, _, _ in rows), default=10) + 2)
     for key, value, comment in rows:
         shown = f"{key} [{value}]" if value else key
-        lines.append(f"  {shown:<{width}} {comment}".rstrip() if len(shown) < width else f"  {shown}\n  {'':<{width}} {comment}".rstrip())
+        wrapped = f"  {shown}\n  {'':<{width}} {comment}"
+        lines.append((f"  {shown:<{width}} {comment}" if len(shown) < width else wrapped).rstrip())
     groups = sorted(p for p in config_dir.iterdir() if p.is_dir())
     for group in groups:
         choices = sorted(f.stem for f in group.glob("*.yaml"))

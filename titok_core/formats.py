@@ -54,10 +54,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from titok_core.errors import BadFileError, MissingFileError, UsageError
 from titok_core.data import (
-    IMAGE_EXTENSIONS, ImageFolderDataset, ImageRecordsDataset, _warn_once, load_image_rgb, preprocess,
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    ImageRecordsDataset,
+    _warn_once,
+    load_image_rgb,
+    preprocess,
 )
+from titok_core.errors import BadFileError, MissingFileError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from titok_core.errors import MissingFileError, UsageError
 from titok_core.checkpoints import CheckpointError, read_model_file, save_model_file
 from titok_core.data import list_image_files
+from titok_core.errors import MissingFileError, UsageError
 from titok_core.metrics import features_to_stats, fid_from_stats
 
 log = logging.getLogger(__name__)

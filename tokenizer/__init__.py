@@ -15,12 +15,17 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from tokenizer import official
-from tokenizer.assets import SHIPPED, shipped_path
 from titok_core.checkpoints import (
-    CheckpointError, load_strict, read_own_model, read_state_dict, require_weights, resolve_spec,
+    CheckpointError,
+    load_strict,
+    read_own_model,
+    read_state_dict,
+    require_weights,
+    resolve_spec,
 )
 from titok_core.errors import UsageError
+from tokenizer import official
+from tokenizer.assets import SHIPPED, shipped_path
 from tokenizer.config import FIELDS, LEGACY_KEYS, TiTokConfig, config_from_file, make_config
 from tokenizer.model import TiTok
 from tokenizer.presets import HUB_REPOS, IN_BIN_REPO, PRESETS, RELEASED_FILES
@@ -80,7 +85,8 @@ def load_tokenizer(
 
     spec: a preset name (the nine released tokenizers ``titok_l32``, ``titok_b64``,
     ``titok_s128``, ``titok_bl64_vq8k``, ``titok_bl128_vq8k``, ``titok_sl256_vq8k``,
-    ``titok_ll32_vae_c16``, ``titok_bl64_vae_c16``, ``titok_bl128_vae_c16``, the small-data ``titok_small``), a shipped model (``titok_demo``: config and weights),
+    ``titok_ll32_vae_c16``, ``titok_bl64_vae_c16``, ``titok_bl128_vae_c16``, the small-data ``titok_small``),
+    a shipped model (``titok_demo``: config and weights),
     an official config file (YAML or HF ``config.json``), a directory with ``config.json`` and
     ``model.safetensors``/``pytorch_model.bin``, a Hugging Face repo id, or one of our own
     ``.safetensors`` model files. checkpoint: official weights (``tokenizer_titok_l32.bin``

@@ -21,8 +21,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError
+from titok_core.errors import UsageError
 
 QUANTIZERS = ("vq", "fsq", "vae")
 DECODER_OUTPUTS = ("proxy_codes", "rgb", "conv")

@@ -46,18 +46,18 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from tokenizer import build_tokenizer, official
-from titok_core.errors import UsageError
 from titok_core.checkpoints import CheckpointError
+from titok_core.errors import UsageError
+from titok_core.lr_schedule import warmup_cosine
+from titok_core.metrics import psnr
+from titok_core.trainer import ema_update, param_groups
+from tokenizer import build_tokenizer, official
 from tokenizer.codebook_usage import CodeUsage, codebook_perplexity, codebook_usage, token_counts
 from tokenizer.discriminator import NLayerDiscriminator
 from tokenizer.losses import ReconstructionLoss, gradient_loss, reconstruction_loss
 from tokenizer.model import FSQ, ClusteringVQ, VectorQuantizer
 from tokenizer.perceptual import PerceptualLoss, build_perceptual
 from tokenizer.token_prior import TokenPrior
-from titok_core.lr_schedule import warmup_cosine
-from titok_core.metrics import psnr
-from titok_core.trainer import ema_update, param_groups
 
 log = logging.getLogger(__name__)
 # Our checkpoints hold the state after step k, as they should (the resumed run continues from it);

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from tokenizer import official
 from titok_core.errors import UsageError
+from tokenizer import official
 from tokenizer.config import TiTokConfig
 
 
@@ -584,7 +584,8 @@ class TiTok(nn.Module):
         VAE: latents float [B,N,T] (from :meth:`encode`) -> images float [B,3,H,W] in [0,1].
         """
         if not self.is_discrete:
-            if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.num_tokens, self.token_size) or not tokens.is_floating_point():
+            shape_ok = tokens.dim() == 3 and tuple(tokens.shape[1:]) == (self.num_tokens, self.token_size)
+            if not shape_ok or not tokens.is_floating_point():
                 raise ValueError(
                     f"a VAE tokenizer decodes float latents [B, {self.num_tokens}, {self.token_size}], "
                     f"got {tokens.dtype} {tuple(tokens.shape)}"

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenizer import official
 from titok_core.checkpoints import CheckpointError, key_mismatches, read_state_dict
+from tokenizer import official
 
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # torchvision vgg16().features index ranges

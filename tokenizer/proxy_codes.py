@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer import official
 from titok_core.checkpoints import CheckpointError, load_strict, read_state_dict
+from tokenizer import official
 from tokenizer.model import ResBlock
 
 

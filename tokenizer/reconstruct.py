@@ -14,13 +14,13 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
-from tokenizer import load_tokenizer
-from titok_core.errors import MissingFileError, exit_on_user_error
-from titok_core.data import list_images, load_image_rgb, preprocess
 from titok_core.cli import Ranges, hydra_entry
+from titok_core.data import list_images, load_image_rgb, preprocess
+from titok_core.errors import MissingFileError, exit_on_user_error
 from titok_core.images import save_png
 from titok_core.metrics import psnr
 from titok_core.runtime import autocast, pick_device
+from tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 # reuse, resume or start), check (a finished cache against what asks for it and against its
 # manifest), dataset (TokenDataset), command (python -m generator.cache). The docstring above is
 # the command's --help.
-
 from generator.cache.build import build_token_cache, open_cache
 from generator.cache.check import CacheMismatchError, check_cache
 from generator.cache.command import CACHE_RANGES, RENAMED, SCALAR_GROUPS, main

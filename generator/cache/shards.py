@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from titok_core.checkpoints import atomic_path
 from titok_core.data import preprocess
-from titok_core.formats import decode_sample
 from titok_core.errors import UsageError
+from titok_core.formats import decode_sample
 from titok_core.runtime import autocast
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 # supervisor (each step a subprocess under its limit and the budget; the records, log, summary
 # and bundle), child (a step's process when it is not a benchmark's own command), environment
 # (the env step's facts), tiny (the dry run's configs), command (the options and the run order).
-
 from titok_bench.gpu_check.command import main, parse_args
 from titok_bench.gpu_check.steps import ALL_STEPS, PROBE_STEPS, PROFILE_STEPS, STEPS, Plan, Step
 from titok_bench.gpu_check.steps import _replace as _replace  # helpers the tests check

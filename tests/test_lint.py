@@ -1,0 +1,25 @@
+"""The code passes the project's linter (ruff, configured in pyproject.toml: pycodestyle, pyflakes,
+import order, lines of at most 130 characters)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_ruff_finds_nothing():
+    ruff = shutil.which("ruff", path=str(REPO / ".venv" / "bin")) or shutil.which("ruff")
+    if ruff is None:
+        try:
+            import ruff as _  # noqa: F401
+        except ImportError:
+            pytest.fail("ruff is not installed: pip install -e '.[dev]'")
+        command = [sys.executable, "-m", "ruff"]
+    else:
+        command = [ruff]
+    done = subprocess.run([*command, "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
