@@ -308,8 +308,6 @@ def test_generator_cache_experiment_builds_the_cache_training_reads(tmp_path):
     assert f"token cache data/token_cache/{built.name}: 6 sequences" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="needs titok_core/cli.py: help_text lists every folder of conf/tokenizer as "
-                                       "a config group, and check_command_line reports Hydra's raw message")
 def test_reconstruct_offers_no_experiment(tmp_path):
     help_text = run_module("tokenizer.reconstruct", "--help", cwd=tmp_path).stdout
     assert "experiment=" not in help_text
@@ -392,13 +390,18 @@ def test_the_missing_weights_hint_fits_the_command(tmp_path, module, args, rando
     assert "random_weights=True" not in line
 
 
-@pytest.mark.xfail(strict=True, reason="needs the hydra: section of conf/sampling/generate.yaml: Hydra makes its "
-                                       "run folder (out_dir/.hydra/...) before the request is checked")
 def test_a_refused_request_creates_no_out_dir(tiny, tmp_path):
     proc = run_module("sampling.generate", *tiny_args(tiny), "class=99999", "n=2", f"out_dir={tmp_path / 'out'}",
                    cwd=tmp_path)
     assert_one_line_error(proc, "class 99999 is out of range")
     assert not (tmp_path / "out").exists()
+    # Nor does Hydra leave anything of its own: no outputs/ run folder, no .hydra/ copy, no log file.
+    assert list(tmp_path.iterdir()) == []
+    done = run_module("sampling.generate", *tiny_args(tiny), "class=1", "n=2", f"out_dir={tmp_path / 'out'}",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert all(p.suffix == ".png" for p in (tmp_path / "out").iterdir()), sorted((tmp_path / "out").iterdir())
 
 
 def test_gfid_missing_reference_and_weights(tiny, tmp_path, inception_weights, reference_npz):

@@ -172,7 +172,13 @@ def check_command_line(
         new = _renamed(key, renamed)
         if new is not None:
             raise UsageError(f"{prefix}{key}= was renamed: write {new}={value if value is not None else '...'}")
-    group_dirs = {p.name for p in config_dir.iterdir() if p.is_dir()}
+    group_dirs = config_groups(config_dir, config_name)
+    for _, key, _ in overrides:
+        if "." not in key and key not in group_dirs and (config_dir / key).is_dir():
+            users = [f"{config_dir.name}.{f.stem}" for f in sorted(config_dir.glob("*.yaml"))
+                     if key in config_groups(config_dir, f.stem)]
+            raise UsageError(f"{key}=: {config_dir.name}.{config_name} has no {key}s"
+                             + (f" (they are {' and '.join(users)}'s)" if users else ""))
     selections = [f"{p}{k}={v}" for p, k, v in overrides if k.split("/")[0] in group_dirs and "." not in k]
     for _, key, value in overrides:
         if (key in group_dirs and value and value != "null" and _NAME.match(value)
@@ -280,6 +286,16 @@ def describe_options(yaml_path: Path) -> list[tuple[str, str, str]]:
     return [(k, v, c) for k, v, c in rows]
 
 
+def config_groups(config_dir: Path, config_name: str) -> set[str]:
+    """The config groups (folders of ``config_dir``) that ``<config_name>.yaml`` chooses from in its
+    defaults list; the other folders there belong to other entry points."""
+    import yaml
+
+    defaults = (yaml.safe_load((config_dir / f"{config_name}.yaml").read_text()) or {}).get("defaults") or []
+    names = {next(iter(entry)).split("@")[0] for entry in defaults if isinstance(entry, dict)}
+    return {name for name in names if (config_dir / name).is_dir()}
+
+
 def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
     """The text of ``--help``: the description, every option of the YAML, then the config groups."""
     lines = [description.strip(), "", f"Options (key=value; defaults from {config_dir.name}/{config_name}.yaml):"]
@@ -289,7 +305,7 @@ def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
         shown = f"{key} [{value}]" if value else key
         wrapped = f"  {shown}\n  {'':<{width}} {comment}"
         lines.append((f"  {shown:<{width}} {comment}" if len(shown) < width else wrapped).rstrip())
-    groups = sorted(p for p in config_dir.iterdir() if p.is_dir())
+    groups = sorted(config_dir / name for name in config_groups(config_dir, config_name))
     for group in groups:
         choices = sorted(f.stem for f in group.glob("*.yaml"))
         lines += ["", f"Config group {group.name}= (choose one): {', '.join(choices)}"]
@@ -298,6 +314,12 @@ def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the wrapper
+
+# Hydra writes nothing of its own: no run folder, no .hydra/ copy of the config, no log file (the
+# console handler stays). A command line that sets hydra.* itself keeps Hydra's behaviour.
+HYDRA_IN_PLACE = ("hydra.output_subdir=null", "hydra.run.dir=.", "hydra.job_logging.root.handlers=[console]",
+                  "~hydra.job_logging.handlers.file")
+
 
 def hydra_entry(
     *, config: str, description: str, renamed: Mapping[str, str] = {}, scalar_groups: Mapping[str, str] = {},
@@ -348,6 +370,8 @@ def hydra_entry(
             from titok_core.quiet import quiet_libraries
 
             quiet_libraries()
+            if not any(a.lstrip("~+").startswith(("hydra.", "hydra/")) for a in argv):
+                sys.argv = [sys.argv[0], *argv, *HYDRA_IN_PLACE]
             try:
                 hydra_main()
             except KeyboardInterrupt:

@@ -202,8 +202,7 @@ def start_run(
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         aside.mkdir()
         for entry in run_dir.iterdir():
-            if entry.name != ".hydra":  # this launch's own Hydra folder stays with the new run
-                entry.rename(aside / entry.name)
+            entry.rename(aside / entry.name)
         log.warning("resume=false: the old run is kept at %s", aside)
         exists = False
     if exists and record.is_file():
