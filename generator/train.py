@@ -12,6 +12,7 @@ The run itself (directory, identity, resume, export) is :mod:`titok_core.trainin
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -53,6 +54,14 @@ def prepare_cache(cfg: DictConfig, tokenizer, run: training.Run | None = None) -
     return cache_dir
 
 
+def _recorded_path(spec: str | None) -> str | None:
+    """A spec or checkpoint as the generator's file records it: a local file or folder by its absolute
+    path (so the file works from any directory), anything else (a preset, a repo id) as given."""
+    if spec is None:
+        return None
+    return os.path.abspath(spec) if os.path.exists(str(spec)) else str(spec)
+
+
 def train(cfg: DictConfig) -> dict:
     """Run the whole job; returns paths and final figures."""
     run = training.start(cfg, package="generator")
@@ -87,7 +96,8 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"run_dir": str(run.dir), "global_step": trainer.global_step, "cache_dir": str(cache_dir)}
     out = training.export(run, trainer, config=module.model.config, state_dict=module.model.state_dict(), extra={
-        "sampling": sampling, "tokenizer": {"spec": str(cfg.tokenizer.spec), "checkpoint": cfg.tokenizer.checkpoint},
+        "sampling": sampling,
+        "tokenizer": {"spec": _recorded_path(cfg.tokenizer.spec), "checkpoint": _recorded_path(cfg.tokenizer.checkpoint)},
         "classes": manifest["classes"], "ema": bool(cfg.optim.ema), "metrics": metrics,
     })
     if out is not None:

@@ -60,3 +60,14 @@ def test_ddp_two_cpu_processes(official_tiny, tmp_path, on_device):
     assert "trained 4 steps" in out.stdout
     assert "world_size: 2" in out.stderr or "distributed_backend=gloo" in out.stderr
     assert (tmp_path / "run" / "generator.safetensors").is_file()
+
+
+def test_the_tokenizer_is_recorded_so_the_file_works_from_anywhere(tmp_path, monkeypatch):
+    from generator.train import _recorded_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tokenizer.safetensors").write_bytes(b"")
+    assert _recorded_path("runs/tokenizer.safetensors") == str(tmp_path / "runs" / "tokenizer.safetensors")
+    assert _recorded_path("titok_demo") == "titok_demo" and _recorded_path(None) is None
+    assert _recorded_path("yucornetto/tokenizer_titok_l32_imagenet") == "yucornetto/tokenizer_titok_l32_imagenet"
