@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 README = (REPO / "README.md").read_text()
 
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from jobs import Job
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_FIT = str(REPO / "tests" / "tiny_fit.py")
 TOKENIZER = REPO / "tests" / "fixtures" / "official_tiny" / "tokenizer"
 RESUME_HINT = "interrupted: run the same command to resume"

@@ -21,7 +21,8 @@ from tokenizer.losses import ReconstructionLoss
 from tokenizer.model import ClusteringVQ, VectorQuantizer
 from tokenizer.perceptual import LPIPS, PerceptualLoss
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 
 

@@ -8,9 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from conftest import REPO
 from jobs import job_env
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_FIT = str(REPO / "tests" / "tiny_fit.py")
 NOISE = {
     "litlogger tip": "try installing [litlogger]",
