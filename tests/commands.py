@@ -91,3 +91,15 @@ def tiny_generator_file(path: Path, *, codebook_size: int, tokenizer: dict | Non
     extra = {"sampling": sampling, **({"tokenizer": tokenizer} if tokenizer else {})}
     save_model_file(path, kind="generator", config=model.config, state_dict=model.state_dict(), extra=extra)
     return path
+
+
+# Random-weight models small enough for seconds (a tokenizer config, a generator config of its tokens).
+TINY_TOKENIZER = {
+    "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
+    "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,
+    "token_size": 4, "legacy_layout": False, "decoder_output": "rgb",
+}
+TINY_GENERATOR = {
+    "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "codebook_size": 16,
+    "num_tokens": 4, "num_classes": 3,
+}

@@ -17,17 +17,8 @@ from tokenizer import TiTok, TiTokConfig, build_tokenizer, load_tokenizer, offic
 from tokenizer.assets import shipped_path
 from tokenizer.config import config_from_file
 
+from commands import TINY_GENERATOR, TINY_TOKENIZER
 from conftest import FIXTURES
-
-TINY = {
-    "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
-    "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,
-    "token_size": 4, "legacy_layout": False, "decoder_output": "rgb",
-}
-TINY_GENERATOR = {
-    "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "codebook_size": 16,
-    "num_tokens": 4, "num_classes": 3,
-}
 
 
 def _metadata_config(path: Path) -> dict:
@@ -45,16 +36,16 @@ def _one_line(exc_info) -> str:
 
 
 def test_one_switch_builds_vq_fsq_and_vae():
-    vq = build_tokenizer(TINY)
+    vq = build_tokenizer(TINY_TOKENIZER)
     assert vq.quantizer == "vq" and vq.is_discrete and vq.codebook_size == 16
     assert vq.quantize.embedding.weight.shape == (16, 4)
 
-    fsq = build_tokenizer({**TINY, "quantizer": "fsq", "fsq_levels": [5, 3]})
+    fsq = build_tokenizer({**TINY_TOKENIZER, "quantizer": "fsq", "fsq_levels": [5, 3]})
     assert fsq.quantizer == "fsq" and fsq.is_discrete
     assert (fsq.codebook_size, fsq.token_size) == (15, 2)  # both follow from the levels
     assert (fsq.config.codebook_size, fsq.config.token_size) == (15, 2)
 
-    vae = build_tokenizer({**TINY, "quantizer": "vae"})
+    vae = build_tokenizer({**TINY_TOKENIZER, "quantizer": "vae"})
     assert vae.quantizer == "vae" and not vae.is_discrete
     assert vae.codebook_size is None and vae.config.codebook_size is None and vae.quantize is None
     assert not any(k.startswith("quantize.") for k in vae.state_dict())
@@ -70,12 +61,12 @@ def test_one_switch_builds_vq_fsq_and_vae():
 def test_fsq_together_with_vae_is_no_longer_expressible():
     # The old pair quantizer=fsq + quantize_mode=vae silently dropped FSQ; one switch has one value.
     with pytest.raises(CheckpointError) as exc:
-        build_tokenizer({**TINY, "quantizer": "fsq", "fsq_levels": [5, 3], "quantize_mode": "vae"})
+        build_tokenizer({**TINY_TOKENIZER, "quantizer": "fsq", "fsq_levels": [5, 3], "quantize_mode": "vae"})
     assert _one_line(exc) == "quantize_mode was merged into quantizer: vq | fsq | vae"
     with pytest.raises(ValueError, match=r"^quantizer must be one of vq \| fsq \| vae, got 'lfq'$"):
-        build_tokenizer({**TINY, "quantizer": "lfq"})
+        build_tokenizer({**TINY_TOKENIZER, "quantizer": "lfq"})
     with pytest.raises(ValueError, match="fsq_levels"):
-        build_tokenizer({**TINY, "quantizer": "fsq"})
+        build_tokenizer({**TINY_TOKENIZER, "quantizer": "fsq"})
 
 
 def test_official_quantize_mode_vae_is_translated():
@@ -95,7 +86,7 @@ def test_official_quantize_mode_vae_is_translated():
 
 
 def test_titok_config_is_complete_canonical_and_plain_json():
-    partial = build_tokenizer(TINY).config
+    partial = build_tokenizer(TINY_TOKENIZER).config
     assert isinstance(partial, TiTokConfig) and partial.num_tokens == 4 and partial.use_l2_norm is True
     assert build_tokenizer(partial.to_dict()).config == partial  # every field: the same config again
     assert TiTok(partial).config is partial
@@ -112,15 +103,15 @@ def test_titok_config_is_complete_canonical_and_plain_json():
 
 
 def test_an_old_key_passed_to_build_tokenizer_names_the_new_one():
-    old = {k if k != "num_tokens" else "num_latent_tokens": v for k, v in TINY.items()}
+    old = {k if k != "num_tokens" else "num_latent_tokens": v for k, v in TINY_TOKENIZER.items()}
     with pytest.raises(CheckpointError) as exc:
         build_tokenizer(old)
     assert _one_line(exc) == "num_latent_tokens was renamed num_tokens"
     with pytest.raises(CheckpointError) as exc:
-        build_tokenizer({**TINY, "quantize_mode": "vq"})
+        build_tokenizer({**TINY_TOKENIZER, "quantize_mode": "vq"})
     assert _one_line(exc) == "quantize_mode was merged into quantizer: vq | fsq | vae"
     with pytest.raises(CheckpointError) as exc:
-        build_tokenizer({**TINY, "num_token": 4})
+        build_tokenizer({**TINY_TOKENIZER, "num_token": 4})
     assert _one_line(exc) == "unknown tokenizer config key(s): num_token"
 
 
@@ -136,7 +127,7 @@ def test_an_old_key_in_tokenizer_train_model_names_the_new_one():
     with pytest.raises(CheckpointError, match="unknown tokenizer model key"):
         resolve_model({"preset": "titok_small", "num_tokenz": 16})
     assert resolve_model({"preset": "titok_small", "num_tokens": 16})["num_tokens"] == 16
-    assert resolve_model({**TINY, "quantizer": "vae"})["quantizer"] == "vae"  # VAE tokenizers train too
+    assert resolve_model({**TINY_TOKENIZER, "quantizer": "vae"})["quantizer"] == "vae"  # VAE tokenizers train too
 
 
 def test_an_old_key_passed_to_build_generator_names_the_new_one():
@@ -184,22 +175,22 @@ def test_a_tokenizer_saved_now_round_trips_with_the_same_fingerprint(tmp_path):
 
 
 def test_a_user_file_with_old_keys_loads_with_a_spec(tmp_path):
-    tok = build_tokenizer(TINY)
-    old = {k if k != "num_tokens" else "num_latent_tokens": v for k, v in TINY.items()}
+    tok = build_tokenizer(TINY_TOKENIZER)
+    old = {k if k != "num_tokens" else "num_latent_tokens": v for k, v in TINY_TOKENIZER.items()}
     path = tmp_path / "old.safetensors"
     save_model_file(path, kind="tokenizer", config=old, state_dict=tok.state_dict())
     assert load_tokenizer(path).config == tok.config
     (tmp_path / "spec").mkdir()
-    (tmp_path / "spec" / "config.json").write_text(json.dumps(TINY))  # our own config.json
+    (tmp_path / "spec" / "config.json").write_text(json.dumps(TINY_TOKENIZER))  # our own config.json
     assert load_tokenizer(tmp_path / "spec" / "config.json", checkpoint=path).config == tok.config
     (tmp_path / "spec" / "config.json").write_text(json.dumps({**old, "quantize_mode": "vq"}))  # and an old one
     assert load_tokenizer(tmp_path / "spec" / "config.json", checkpoint=path).config == tok.config
-    (tmp_path / "spec" / "config.json").write_text(json.dumps({**TINY, "num_tokens": 8}))
+    (tmp_path / "spec" / "config.json").write_text(json.dumps({**TINY_TOKENIZER, "num_tokens": 8}))
     with pytest.raises(CheckpointError, match=r"was made for another tokenizer config \(differs in: num_tokens\)"):
         load_tokenizer(tmp_path / "spec" / "config.json", checkpoint=path)
 
     vae_old = {**old, "quantize_mode": "vae", "codebook_size": None}
-    vae = build_tokenizer({**TINY, "quantizer": "vae"})
+    vae = build_tokenizer({**TINY_TOKENIZER, "quantizer": "vae"})
     save_model_file(tmp_path / "vae.safetensors", kind="tokenizer", config=vae_old, state_dict=vae.state_dict())
     loaded = load_tokenizer(tmp_path / "vae.safetensors")
     assert loaded.quantizer == "vae" and not loaded.is_discrete and loaded.config == vae.config

@@ -37,6 +37,7 @@ from generator.sampler import SAMPLING_KEYS
 from titok_core.checkpoints import read_model_extra, read_model_file, save_model_file
 from tokenizer import build_tokenizer
 
+from commands import TINY_GENERATOR, TINY_TOKENIZER
 from jobs import REPO, Job, job_env
 
 DEFAULTS = {"num_steps": 8, "guidance_scale": 3.0, "guidance_decay": "linear", "guidance_scale_pow": 3.0,
@@ -185,15 +186,6 @@ def test_a_users_mistake_is_one_line(tmp_path, monkeypatch, capsys, compose):
 
 # ---------------------------------------------------------------- the whole step, on tiny models
 
-TINY_TOKENIZER = {
-    "image_size": 16, "patch_size": 4, "enc_width": 32, "enc_depth": 1, "enc_heads": 2,
-    "dec_width": 32, "dec_depth": 1, "dec_heads": 2, "num_tokens": 4, "codebook_size": 16,
-    "token_size": 4, "legacy_layout": False, "decoder_output": "rgb",
-}
-TINY_GENERATOR = {
-    "arch": "imagebert", "hidden_size": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "codebook_size": 16,
-    "num_tokens": 4, "num_classes": 3,
-}
 # Small enough for seconds, big enough that the kill lands mid-search.
 TINY_OPTIONS = ["fit_sampling.num_samples=90", "fit_sampling.confirm_samples=90", "fit_sampling.batch_size=45",
                 "fit_sampling.judge_steps=30", "fit_sampling.max_time=null", "fit_sampling.dtype=fp32",
