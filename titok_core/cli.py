@@ -29,10 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from titok_core.errors import UsageError, full_error, report
+from titok_core.errors import RESUME_HINT, UsageError, full_error, report
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-RESUME_HINT = "interrupted: run the same command to resume"
 
 
 # --------------------------------------------------------------------------- overrides

@@ -49,7 +49,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from titok_core.cli import RESUME_HINT
+from titok_core.errors import RESUME_HINT
 
 log = logging.getLogger(__name__)
 
