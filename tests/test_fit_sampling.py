@@ -160,6 +160,8 @@ def test_the_two_configs_offer_the_same_search(compose):
     assert train.enabled is True and set(train) - {"enabled"} == set(own)
     assert {k: v for k, v in train.items() if k != "enabled"} == own
     assert compose("generator.train", ["experiment=imagenet_l32", "data.root=D"]).fit_sampling.enabled is False
+    assert compose("generator.train", []).fit_sampling.enabled is False  # the demo: it kept the defaults there
+    assert compose("generator.train", ["experiment=digits"]).fit_sampling.enabled is True
     assert set(own.space) <= set(SAMPLING_KEYS)
     SearchOptions.from_group(own)  # the shipped defaults pass the checks
 
