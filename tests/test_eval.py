@@ -320,7 +320,7 @@ def test_the_judges_cache_is_where_titok_cache_says_and_the_log_says_where(tmp_p
     assert demo.default_cache_dir() == tmp_path / "xdg" / "titok_gen" / "demo_classifier"
     monkeypatch.setenv("TITOK_CACHE", str(tmp_path / "moved"))
     root = _demo_folder(tmp_path / "demo", {"train": 4, "val": 1})
-    with caplog.at_level("INFO", logger="eval.demo_classifier"):
+    with caplog.at_level("INFO", logger="titok_core.judges"):
         demo.load_demo_classifier(root, seed=0, resolution=32, width=8, steps=2, batch_size=8)
     (cached,) = (tmp_path / "moved" / "demo_classifier").iterdir()
     assert f"trained and cached at {cached} (TITOK_CACHE= moves the cache)" in caplog.text

@@ -144,9 +144,10 @@ def test_maskgit_generation_refuses_a_vae_tokenizer(official_tiny):
         load_pipeline(generator={"spec": g / "config.yaml", "checkpoint": g / "generator.bin"}, tokenizer={"spec": vae})
 
 
-def test_tokenizer_training_refuses_a_vae_config():
+def test_tokenizer_training_takes_the_vq_and_the_vae_releases():
+    """The single-stage recipes train both kinds (tests/test_tokenizer_gan.py trains them)."""
     from tokenizer.presets import resolve_model
 
-    with pytest.raises(ValueError, match="tokenizer training is implemented for VQ tokenizers only"):
-        resolve_model({"preset": "titok_ll32_vae_c16", "image_size": None})
+    vae = resolve_model({"preset": "titok_ll32_vae_c16", "image_size": None})
+    assert vae["quantizer"] == "vae" and vae["token_size"] == 16
     assert resolve_model({"preset": "titok_bl64_vq8k"})["codebook_size"] == 8192

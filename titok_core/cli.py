@@ -370,7 +370,9 @@ def hydra_entry(
 
             quiet_libraries()
             if not any(a.lstrip("~+").startswith(("hydra.", "hydra/")) for a in argv):
-                sys.argv = [sys.argv[0], *argv, *HYDRA_IN_PLACE]
+                # A config that picks its own job logging (e.g. stdout) has no file handler to drop.
+                own_logging = "hydra/job_logging" in (config_dir / f"{config_name}.yaml").read_text()
+                sys.argv = [sys.argv[0], *argv, *(HYDRA_IN_PLACE[:2] if own_logging else HYDRA_IN_PLACE)]
             try:
                 hydra_main()
             except KeyboardInterrupt:
