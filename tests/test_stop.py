@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -263,3 +265,23 @@ def test_auto_workers_fit_the_machine(monkeypatch, cores, workers):
     assert resolve_workers(3) == 3
     with pytest.raises(ValueError, match="num_workers must be auto or a number"):
         resolve_workers("two")
+
+
+def test_a_process_with_workers_still_alive_exits(tmp_path):
+    """Workers ignore SIGTERM (they stop when their main process says so); multiprocessing ends
+    leftover daemonic workers at exit with SIGTERM and waits for them, so without
+    titok_core.stopping's exit hook a process with a leaked DataLoader iterator never exits."""
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from titok_core.stopping import ignore_stop_signals\n"
+        "loader = DataLoader(TensorDataset(torch.arange(100)), batch_size=10, num_workers=2,\n"
+        "                    persistent_workers=True, worker_init_fn=ignore_stop_signals)\n"
+        "it = iter(loader)\n"
+        "print(int(next(it)[0].sum()))\n"
+        "KEEP = it\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "45", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]

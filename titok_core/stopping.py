@@ -36,6 +36,7 @@ when a scheduler signals every process of a job, and the main process then fails
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -111,9 +112,26 @@ def _install() -> None:
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
     """A DataLoader ``worker_init_fn``: the worker ignores Ctrl-C and SIGTERM; its main process stops
-    at a safe point and shuts its workers down."""
+    at a safe point and shuts its workers down (at the latest when it exits: :func:`_end_workers`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _end_workers() -> None:
+    """At exit, kill the daemonic children still alive (DataLoader workers left by an unfinished
+    iterator). multiprocessing's own exit handler ends them with SIGTERM and waits for them, which
+    workers that ignore SIGTERM would never answer. Registered after multiprocessing's handler, so it
+    runs before it."""
+    import multiprocessing
+
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers
+    for child in children:
+        child.kill()
+
+
+atexit.register(_end_workers)
 
 
 def stop_asked() -> bool:
