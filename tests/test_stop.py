@@ -82,6 +82,7 @@ def test_sigterm_in_training_saves_the_step_it_stopped_at_and_the_rerun_resumes_
     assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == (30, {30})
 
 
+@pytest.mark.slow  # two Ctrl-Cs 0.3 s apart inside one 2 s step: timing-sensitive on a busy 2-core machine
 def test_ctrl_c_in_training_saves_the_step_and_exits_130_and_twice_stops_at_once(tmp_path):
     job = _tiny_fit(tmp_path)
     _signal_when(job, lambda: 7 in _steps_printed(job.output()), signal.SIGINT)
