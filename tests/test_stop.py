@@ -60,14 +60,21 @@ def _tiny_fit(tmp_path: Path, *extra: str, log: str = "job.log") -> Job:
                tmp_path, tmp_path / log)
 
 
-def test_sigterm_in_training_saves_the_step_it_stopped_at_and_the_rerun_resumes_from_it(tmp_path):
+def _stopped_after_step_7(tmp_path: Path, signum: int, *, code: int, library_line: str) -> str:
+    """Run the tiny fit, send ``signum`` once step 7 is printed; check the exit code, the one line and
+    that neither a traceback nor Lightning's own line shows; return the output."""
     job = _tiny_fit(tmp_path)
-    _signal_when(job, lambda: 7 in _steps_printed(job.output()), signal.SIGTERM)
+    _signal_when(job, lambda: 7 in _steps_printed(job.output()), signum)
     rc = job.wait()
     out = job.output()
-    assert rc == 143, out[-3000:]
+    assert rc == code, out[-3000:]
     assert _stderr_lines(out)[-1] == RESUME_HINT, out[-3000:]
-    assert "Traceback" not in out and "Received SIGTERM" not in out, out[-3000:]
+    assert "Traceback" not in out and library_line not in out, out[-3000:]
+    return out
+
+
+def test_sigterm_in_training_saves_the_step_it_stopped_at_and_the_rerun_resumes_from_it(tmp_path):
+    out = _stopped_after_step_7(tmp_path, signal.SIGTERM, code=143, library_line="Received SIGTERM")
     stopped = _steps_printed(out)[-1]
     assert 7 <= stopped < 30
     # The step it stopped at (periodic checkpoints come every 5 steps), with the optimizer state of it.
@@ -84,13 +91,7 @@ def test_sigterm_in_training_saves_the_step_it_stopped_at_and_the_rerun_resumes_
 
 @pytest.mark.slow  # two Ctrl-Cs 0.3 s apart inside one 2 s step: timing-sensitive on a busy 2-core machine
 def test_ctrl_c_in_training_saves_the_step_and_exits_130_and_twice_stops_at_once(tmp_path):
-    job = _tiny_fit(tmp_path)
-    _signal_when(job, lambda: 7 in _steps_printed(job.output()), signal.SIGINT)
-    rc = job.wait()
-    out = job.output()
-    assert rc == 130, out[-3000:]
-    assert _stderr_lines(out)[-1] == RESUME_HINT, out[-3000:]
-    assert "Traceback" not in out and "Detected KeyboardInterrupt" not in out, out[-3000:]
+    out = _stopped_after_step_7(tmp_path, signal.SIGINT, code=130, library_line="Detected KeyboardInterrupt")
     assert "stopping after the step in hand (Ctrl-C again stops at once)" in out
     stopped = _steps_printed(out)[-1]
     assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == (stopped, {stopped})
