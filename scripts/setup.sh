@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   # shellcheck disable=SC2086
   .venv/bin/pip install -q $TORCH_SPEC
 fi
-if ! .venv/bin/python -c "import tokenizer, generator, sampling, eval, pytest, lightning, hydra, torch_fidelity, gradio, playwright, sklearn" 2>/dev/null \
+if ! .venv/bin/python -c "import tokenizer, generator, sampling, eval, pytest, xdist, lightning, hydra, torch_fidelity, gradio, playwright, sklearn" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q -e ".[dev]"
   touch .venv/.installed
