@@ -38,6 +38,9 @@ in one line naming the shard (:class:`ShardError`):
   (:class:`WebDatasetTrainStream`) skips the rest of that shard instead (``damaged="skip"``,
   one warning line per shard saying so): for training, an epoch with a shard's tail missing is
   harmless. The samples before the cut are used; the sample in which the cut falls is dropped.
+
+One file (over 500 lines) on purpose: the three formats share detection, split selection,
+decoding and the damaged-shard rules above, and read best side by side.
 """
 from __future__ import annotations
 

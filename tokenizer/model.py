@@ -6,6 +6,10 @@ Key names are this project's own; the official names are converted in :mod:`toke
 which also documents every quirk that the released checkpoints need.
 
 Shapes: B batch, N latent tokens, T token (code) size, D width, G = image_size // patch_size.
+
+One file (over 600 lines) on purpose: every part here exists only to be a part of TiTok, and the
+official checkpoints' key names map onto this one file's modules, so reading it top to bottom
+follows the forward pass that :mod:`tokenizer.official` converts into.
 """
 from __future__ import annotations
 
