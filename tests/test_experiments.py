@@ -444,6 +444,18 @@ def test_demo_stages_chain(composed):
     assert output_file("generator", gen) == "runs/generator/maskgit_demo/generator.safetensors"
 
 
+def test_the_small_recipe_trains_rate_term_tokens_and_samples_for_them(composed):
+    # docs/small_data_recipe.md, "Round 3": the rate term from the first step in experiment=small (and the
+    # digits, which build on it); none in the demo's stage 1 (the shipped tokenizer adds it in stage 3) or in a
+    # decoder-only stage (its encoder is frozen); the generator's sampling starts where the fits went.
+    rates = {name: composed[("tokenizer", name)].loss.rate_weight
+             for name in ("small", "digits", "demo", "small_decoder", "demo_decoder")}
+    assert rates == {"small": 1e-3, "digits": 1e-3, "demo": 0.0, "small_decoder": 0.0, "demo_decoder": 0.0}
+    for name in ("small", "digits"):
+        sampling = composed[("generator", name)].sampling
+        assert (sampling.guidance_scale, sampling.randomize_temperature) == (3.0, 2.5), name
+
+
 def test_maskgit_demo_config_sizes_to_the_shipped_generator(composed, outputs):
     path = shipped_generator("maskgit_demo")
     extra = _shipped_extra(path)
