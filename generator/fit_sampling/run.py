@@ -38,7 +38,7 @@ def fit_sampling(
 
     defaults: complete settings (every key of SAMPLING_KEYS the generator needs), the first
     candidate. fixed: keys left out of the search (held at their default). Returns the record
-    that goes into the model file: chosen, defaults, table, judge, seed, ... (see the module doc).
+    that goes into the model file: chosen, defaults, table, judge, seed, ... (see the package docstring).
     """
     from generator.cache import tokenizer_fingerprint
 
