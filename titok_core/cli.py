@@ -285,14 +285,20 @@ def describe_options(yaml_path: Path) -> list[tuple[str, str, str]]:
     return [(k, v, c) for k, v, c in rows]
 
 
-def config_groups(config_dir: Path, config_name: str) -> set[str]:
-    """The config groups (folders of ``config_dir``) that ``<config_name>.yaml`` chooses from in its
-    defaults list; the other folders there belong to other entry points."""
+def _chosen_groups(config_dir: Path, config_name: str) -> set[str]:
+    """The groups ``<config_name>.yaml`` chooses from in its defaults list (``group: choice`` entries;
+    ``fit_sampling_search@fit_sampling`` -> ``fit_sampling_search``, ``override hydra/job_logging`` ->
+    ``hydra/job_logging``)."""
     import yaml
 
     defaults = (yaml.safe_load((config_dir / f"{config_name}.yaml").read_text()) or {}).get("defaults") or []
-    names = {next(iter(entry)).split("@")[0] for entry in defaults if isinstance(entry, dict)}
-    return {name for name in names if (config_dir / name).is_dir()}
+    return {next(iter(entry)).removeprefix("override ").split("@")[0] for entry in defaults if isinstance(entry, dict)}
+
+
+def config_groups(config_dir: Path, config_name: str) -> set[str]:
+    """The config groups (folders of ``config_dir``) that ``<config_name>.yaml`` chooses from in its
+    defaults list; the other folders there belong to other entry points."""
+    return {name for name in _chosen_groups(config_dir, config_name) if (config_dir / name).is_dir()}
 
 
 def help_text(*, description: str, config_dir: Path, config_name: str) -> str:
@@ -371,7 +377,7 @@ def hydra_entry(
             quiet_libraries()
             if not any(a.lstrip("~+").startswith(("hydra.", "hydra/")) for a in argv):
                 # A config that picks its own job logging (e.g. stdout) has no file handler to drop.
-                own_logging = "hydra/job_logging" in (config_dir / f"{config_name}.yaml").read_text()
+                own_logging = "hydra/job_logging" in _chosen_groups(config_dir, config_name)
                 sys.argv = [sys.argv[0], *argv, *(HYDRA_IN_PLACE[:2] if own_logging else HYDRA_IN_PLACE)]
             try:
                 hydra_main()
