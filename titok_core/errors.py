@@ -29,6 +29,7 @@ FULL_ERROR_ENV = "TITOK_FULL_ERROR"
 # The line a stopped job prints (Ctrl-C, SIGTERM): what it saved is where the same command continues.
 RESUME_HINT = "interrupted: run the same command to resume"
 
+
 class UserError(Exception):
     """A user's mistake; the message is one line that names the problem (and, when there is one, the fix).
 

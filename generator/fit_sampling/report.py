@@ -15,6 +15,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def changes(settings: Mapping, defaults: Mapping) -> str:
+    """The settings that differ from ``defaults``, as ``key=value, ...`` ("" when none)."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items() if defaults.get(k) != v)
+
+
 def summary(record: Mapping) -> str:
     """The table a person reads: every candidate's settings and figures, defaults and chosen marked."""
     defaults, chosen = record["defaults"], record["chosen"]
@@ -42,7 +47,7 @@ def summary(record: Mapping) -> str:
     if record["judge_seconds"] >= 1:
         took += f", after {record['judge_seconds']:.0f} s loading or training the judge"
     verdict = ("the defaults stay: no candidate beat them on the judge" if chosen == defaults else
-               "chosen: " + ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items() if defaults.get(k) != v))
+               "chosen: " + changes(chosen, defaults))
     return "\n".join([
         f"fit_sampling: {len(record['table'])} candidates judged by the dataset's classifier against held-out images "
         f"({judge['held_out'].removeprefix('held out: ')}); seed {record['seed']}; {took}"

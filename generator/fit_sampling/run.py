@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from generator.fit_sampling.judging import Judge, class_balanced, draw_and_judge
 from generator.fit_sampling.options import SearchOptions, guided_forwards, normalise, settings_plan
-from generator.fit_sampling.report import summary
+from generator.fit_sampling.report import changes, summary
 from generator.fit_sampling.search import Figures, coordinate_search
 from generator.fit_sampling.state import SearchState, state_path, weights_fingerprint
 from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS
@@ -95,7 +95,7 @@ def fit_sampling(
                           seconds=round(seconds, 3))
         state.put(settings, round_, figures, feats)
         log.info("fit_sampling round %d: %s -> classifier-FID %.3f, accuracy %.1f%% (%.1fs)", round_ + 1,
-                 _short(settings, defaults), figures.fid, 100 * figures.accuracy, seconds)
+                 changes(settings, defaults) or "defaults", figures.fid, 100 * figures.accuracy, seconds)
         bar.set_postfix_str(f"FID {figures.fid:.2f}")
         stop_point()  # the candidate is saved: a stop asked meanwhile (Ctrl-C, SIGTERM) acts here
         return figures
@@ -129,11 +129,6 @@ def fit_sampling(
         "judge_seconds": round(judge_seconds, 1), "cpu_seconds_this_run": round(time.process_time() - cpu_started, 1),
         "device": device.type, "dtype": dtype, "threads": torch.get_num_threads(), "resumed": state.resumed,
     }
-
-
-def _short(settings: Mapping, defaults: Mapping) -> str:
-    changed = {k: v for k, v in settings.items() if defaults.get(k) != v}
-    return "defaults" if not changed else ", ".join(f"{k}={v}" for k, v in changed.items())
 
 
 # ---------------------------------------------------------------- the model file
