@@ -9,6 +9,13 @@ choice of which to keep. ``token_temperature`` (off by default: the official ste
 them: tokens are drawn from softmax(logits / (divisor * token_temperature)) and the ones kept are
 those with the highest log-probability under the model plus T * gumbel (the selection noise).
 
+``self_correction`` (0 by default: the official step) lets a step take back earlier decisions:
+the decoded tokens that the model now finds least likely (their log-probability under this
+step's guided logits, the token in view) join the new tokens as candidates for re-masking, at
+most ``self_correction`` of them a step, and every candidate is ranked by its log-probability.
+The number of masked tokens after each step still follows the schedule, so the step count and the
+cost are unchanged; a token re-masked is drawn again at the next step with more of the image given.
+
 The official guidance quirks (scale schedules and formulas, the re-mask count) live in
 :mod:`generator.official`; this file is the loop. Conditional and unconditional logits come
 from one forward over a doubled batch.
@@ -38,7 +45,8 @@ class StepKind:
     noisy: Gumbel noise is added (temperature != 0; with ``decoupled``, to the selection only).
     last: the last step re-masks nothing. decoupled: tokens drawn at their own temperature and
     kept by log-probability (``token_temperature`` set); draw: with ``decoupled``, the tokens are
-    drawn at random (token_temperature > 0), not taken by argmax.
+    drawn at random (token_temperature > 0), not taken by argmax. correct: at most this many
+    decoded tokens join the candidates for re-masking (``self_correction``).
     """
 
     guided: bool
@@ -46,6 +54,7 @@ class StepKind:
     last: bool
     decoupled: bool = False
     draw: bool = False
+    correct: int = 0  # decoded tokens that may be re-masked at this step (self-correction); 0 on the first and last
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class Step:
 def plan_steps(
     *, num_steps: int, num_tokens: int, guidance_scale: float, guidance_decay: str, guidance_scale_pow: float = 3.0,
     randomize_temperature: float, softmax_temperature_annealing: bool, token_temperature: float | None = None,
+    self_correction: int = 0,
 ) -> tuple[Step, ...]:
     """The sampling settings -> one :class:`Step` per step (see :func:`sample_tokens` for the settings)."""
     if guidance_decay not in official.GUIDANCE_DECAYS:
@@ -73,6 +83,9 @@ def plan_steps(
         token_temperature = None
     if token_temperature is not None and not token_temperature >= 0:
         raise UsageError(f"token_temperature must be false (the official draw) or >= 0, got {token_temperature}")
+    if isinstance(self_correction, bool) or not isinstance(self_correction, int) or self_correction < 0:
+        raise UsageError(f"self_correction must be a whole number >= 0 (decoded tokens re-masked a step at most), "
+                         f"got {self_correction!r}")
     decoupled = token_temperature is not None
     steps = []
     for step in range(num_steps):
@@ -86,7 +99,8 @@ def plan_steps(
         divisor = (0.5 + 0.8 * (1 - ratio)) if softmax_temperature_annealing else 1.0
         draw = decoupled and token_temperature > 0
         steps.append(Step(
-            kind=StepKind(guided=scale != 0, noisy=temperature != 0, last=last, decoupled=decoupled, draw=draw),
+            kind=StepKind(guided=scale != 0, noisy=temperature != 0, last=last, decoupled=decoupled, draw=draw,
+                          correct=0 if last or step == 0 else self_correction),
             scale=scale, temperature=temperature, divisor=divisor * token_temperature if draw else divisor,
             remask_target=0 if last else official.remask_target(ratio, num_tokens),
         ))
@@ -119,8 +133,9 @@ def sampling_step(
         logits = official.apply_guidance(cond, uncond, scale, guidance_decay)
     else:  # conditional only when the scale is 0, as official
         logits = generator(tokens, labels).float()  # (B, N, K)
+    guided = logits
     if kind.decoupled:  # tokens at their own temperature; kept by the model's log-probability
-        scores = logits.log_softmax(dim=-1)
+        scores = guided.log_softmax(dim=-1)
         logits = logits / divisor
         sampled = (logits + gumbel(u_logits) if kind.draw else logits).argmax(dim=-1)  # (B, N)
     else:  # official: one noise scale for the draw and the selection
@@ -128,6 +143,8 @@ def sampling_step(
         scores = logits
         noisy = logits + temperature * gumbel(u_logits) if kind.noisy else logits
         sampled = noisy.argmax(dim=-1)  # (B, N)
+    if kind.correct and not kind.decoupled:  # self-correction ranks every candidate by its log-probability
+        scores = guided.log_softmax(dim=-1)
     sampled_logits = scores.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     sampled = torch.where(is_mask, sampled, tokens)  # decoded tokens stay
     if kind.last:  # the last step re-masks nothing
@@ -135,6 +152,11 @@ def sampling_step(
 
     # Re-mask the least confident new tokens; decoded ones have confidence +inf.
     confidence = torch.where(is_mask, sampled_logits, torch.inf)
+    if kind.correct:  # ... except the `correct` decoded tokens the model now finds least likely
+        held = scores.gather(-1, tokens.clamp(max=scores.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        held = torch.where(is_mask, torch.inf, held)
+        weakest = held.sort(dim=-1).values[:, kind.correct - 1: kind.correct]  # (B, 1); +inf when fewer are decoded
+        confidence = torch.where(~is_mask & (held <= weakest), held, confidence)
     if kind.noisy:
         confidence = confidence + temperature * gumbel(u_confidence)
     num_remask = official.clamp_remask(remask_target, is_mask)
@@ -166,15 +188,16 @@ def draw_uniforms(
 # The settings of :func:`sample_tokens`: the one ``sampling`` config group of every entry point.
 SAMPLING_KEYS = (
     "num_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow", "randomize_temperature",
-    "softmax_temperature_annealing", "token_temperature",
+    "softmax_temperature_annealing", "token_temperature", "self_correction",
 )
 # The settings a model file may leave out, and what :func:`sample_tokens` then uses (the official step).
-SAMPLING_DEFAULTS = {"guidance_scale_pow": 3.0, "token_temperature": None}
+SAMPLING_DEFAULTS = {"guidance_scale_pow": 3.0, "token_temperature": None, "self_correction": 0}
 
 
 # The sampling group's options with a range, on every entry point that has the group.
 SAMPLING_RANGES = Ranges(at_least_one=("sampling.num_steps",),
-                         not_negative=("sampling.guidance_scale", "sampling.randomize_temperature"))
+                         not_negative=("sampling.guidance_scale", "sampling.randomize_temperature",
+                                       "sampling.self_correction"))
 
 
 def sampling_overrides(group) -> dict:
@@ -197,6 +220,7 @@ def sample_tokens(
     randomize_temperature: float,
     softmax_temperature_annealing: bool,
     token_temperature: float | None = None,
+    self_correction: int = 0,
     rng: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
@@ -210,7 +234,9 @@ def sample_tokens(
     0.5 + 0.8 * (1 - r). token_temperature: None or False (the official step) or >= 0: tokens drawn from
     softmax(logits / (divisor * token_temperature)) (0: argmax), and kept by their log-probability
     under the model plus the Gumbel noise of ``randomize_temperature`` (which then randomises the
-    selection only). rng: a torch.Generator on the generator's device; the same seed gives
+    selection only). self_correction: at most this many decoded tokens a step may be re-masked
+    when the model now finds them less likely than the new tokens (0: never, as official).
+    rng: a torch.Generator on the generator's device; the same seed gives
     the same tokens. on_step: called after every step with the number of steps done
     (1..num_steps), e.g. to show progress. Returns int64 [B, generator.num_tokens] in
     [0, generator.codebook_size).
@@ -219,6 +245,7 @@ def sample_tokens(
         num_steps=num_steps, num_tokens=generator.num_tokens, guidance_scale=guidance_scale, guidance_decay=guidance_decay,
         guidance_scale_pow=guidance_scale_pow, randomize_temperature=randomize_temperature,
         softmax_temperature_annealing=softmax_temperature_annealing, token_temperature=token_temperature,
+        self_correction=self_correction,
     )
     labels = labels.long()
     b, n, k = labels.shape[0], generator.num_tokens, generator.codebook_size

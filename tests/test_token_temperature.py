@@ -2,8 +2,8 @@
 model's log-probability plus the (separate) selection noise; off by default (the official step)."""
 import pytest
 import torch
+from sampler_helpers import SAMPLING, FixedLogits, tiny_generator
 
-from generator import build_generator
 from generator.sampler import (
     SAMPLING_DEFAULTS,
     SAMPLING_KEYS,
@@ -17,38 +17,13 @@ from generator.sampler import (
 from sampling import sample_tokens
 from sampling.fast import StaticSampler
 
-SAMPLING = dict(
-    num_steps=6, guidance_scale=3.0, guidance_decay="linear", guidance_scale_pow=3.0, randomize_temperature=4.0,
-    softmax_temperature_annealing=True,
-)
-
-
-def _gen(arch="imagebert"):
-    torch.manual_seed(0)
-    return build_generator(dict(
-        arch=arch, hidden_size=32, depth=3, num_heads=2, mlp_dim=64, codebook_size=16, num_tokens=10, num_classes=5,
-    )).eval()
-
-
-class FixedLogits(torch.nn.Module):
-    """A generator whose logits are the same at every call: float [N,K] for every row."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-        self.num_tokens, self.codebook_size = logits.shape
-        self.mask_id, self.null_label, self.num_classes = self.codebook_size, 3, 3
-
-    def forward(self, tokens, labels):
-        return self.logits.expand(len(tokens), -1, -1).clone()
-
 
 def _frequencies(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(tokens.flatten(), minlength=k).float() / tokens.numel()
 
 
 def test_default_and_false_are_the_official_step():
-    gen, labels = _gen(), torch.tensor([0, 1, 2, 3, 4, 5])
+    gen, labels = tiny_generator(), torch.tensor([0, 1, 2, 3, 4, 5])
     want = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(1), **SAMPLING)
     for off in (None, False):
         got = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(1), token_temperature=off, **SAMPLING)
@@ -118,7 +93,7 @@ def test_selection_noise_alone_draws_only_the_selection_uniforms():
 @pytest.mark.parametrize("arch", ["imagebert", "uvit"])
 @pytest.mark.parametrize("t, annealing", [(1.0, False), (0.7, True), (0.0, True)])
 def test_static_sampler_equals_sample_tokens(arch, t, annealing):
-    gen, labels = _gen(arch), torch.tensor([0, 1, 2, 3, 4, 5, 2])
+    gen, labels = tiny_generator(arch), torch.tensor([0, 1, 2, 3, 4, 5, 2])
     settings = {**SAMPLING, "softmax_temperature_annealing": annealing, "token_temperature": t}
     want = sample_tokens(gen, labels, rng=torch.Generator().manual_seed(3), **settings)
     got = StaticSampler(gen, sampling=settings)(labels, torch.Generator().manual_seed(3))
