@@ -61,7 +61,7 @@ class Tiny(L.LightningModule):
 
 def run(args) -> int:
     from titok_core.progress import StepProgressBar
-    from titok_core.stopping import fit
+    from titok_core.stopping_lightning import fit
     from titok_core.trainer import PeriodicLast, SaveLast, build_trainer
 
     L.seed_everything(0)

@@ -13,8 +13,8 @@ finishes the shard in hand. The same command resumes from there.
 Outside such a loop (loading models, building a dataset) both stop at once. Every entry point runs
 its work inside :func:`stop_cleanly` (the handlers, the one line, the exit code;
 ``titok_core.cli.hydra_entry`` does it); a loop marks its safe points with :func:`at_safe_points` /
-:func:`stop_point`; training calls :func:`fit` instead of ``trainer.fit`` (``titok_core.training.fit``
-does it)::
+:func:`stop_point`; training calls :func:`titok_core.stopping_lightning.fit` instead of
+``trainer.fit`` (``titok_core.training`` does it)::
 
     with stop_cleanly():                                  # in the entry point
         ...
@@ -25,7 +25,7 @@ Lightning's own handling does not give this: on Ctrl-C it calls ``sys.exit(1)`` 
 ``SIGTERMException`` (a SystemExit with no code: exit 0) with nothing saved. Its loops also raise it
 at points that differ between ranks (the end of a step on the rank that got the signal,
 mid-validation), where the other ranks may be waiting in a collective. So while training runs the
-signals only mark the stop as asked (:class:`StopOnSignal` takes over the SIGTERM handler Lightning
+signals only mark the stop as asked (``stopping_lightning.StopOnSignal`` takes over the SIGTERM handler Lightning
 installed), and at every optimizer step all ranks agree through ``reduce_boolean_decision`` whether
 any of them was asked: every rank stops after the same step, saves together, and raises together.
 
@@ -38,32 +38,33 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from titok_core.errors import RESUME_HINT
-
-log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a job ended by Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 FINISHING = "stopping after the step in hand (Ctrl-C again stops at once)"
 
 
-class Terminated(SIGTERMException):
-    """SIGTERM asked the job to stop; its state up to here is saved. Exits 143 when nothing catches it."""
+class Terminated(SystemExit):
+    """SIGTERM asked the job to stop; its state up to here is saved. Exits 143 when nothing catches it.
+
+    A SystemExit, as Lightning's own ``SIGTERMException`` (which this module leaves unimported: the jobs
+    that do not train start without Lightning); :func:`is_termination` knows both."""
 
     def __init__(self) -> None:
         super().__init__(EXIT_TERMINATED)
+
+
+def is_termination(exc: BaseException) -> bool:
+    """Whether ``exc`` is a stop by SIGTERM: ours (:class:`Terminated`) or, where Lightning is loaded, its own."""
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return isinstance(exc, Terminated) or (lightning is not None and isinstance(exc, lightning.SIGTERMException))
 
 
 # Per process: which signal asked the job to stop (None, SIGINT or SIGTERM), whether the stop is under
@@ -173,10 +174,10 @@ def stop_forwarding(kill: Callable[[int], None]) -> None:
 
 
 def _say(message: str) -> None:
-    """A line on stderr from the first process only (every rank of a multi-process job stops the same way)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    """A line on stderr from the first process only (every rank of a multi-process job stops the same way;
+    a job of several processes runs under Lightning, which then knows this process's rank)."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if getattr(getattr(rank_zero, "rank_zero_only", None), "rank", 0) == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -198,7 +199,9 @@ def stop_cleanly(message: str = RESUME_HINT) -> Iterator[None]:
         _state["stopping"] = True
         _say(message)
         sys.exit(EXIT_INTERRUPTED)
-    except SIGTERMException:  # ours, or Lightning's own (a SIGTERM before training started)
+    except SystemExit as exc:
+        if not is_termination(exc):  # ours, or Lightning's own (a SIGTERM before training started)
+            raise
         _state["stopping"] = True
         _say(message)
         sys.exit(EXIT_TERMINATED)
@@ -208,109 +211,3 @@ def stop_cleanly(message: str = RESUME_HINT) -> Iterator[None]:
                 if handler is not None:
                     signal.signal(signum, handler)
         _forward.clear()
-
-
-# ----------------------------------------------------------------------------------------- training
-
-
-class _Replaced(logging.Filter):
-    """Lightning's lines about the stop, which the job's own line replaces."""
-
-    PATTERN = re.compile(r"^\s*Detected KeyboardInterrupt, attempting graceful shutdown|^(\[rank: \d+\] )?Received SIGTERM")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.PATTERN.search(record.getMessage())
-
-
-_REPLACED = _Replaced()
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-              "lightning.pytorch.trainer.connectors.signal_connector"):
-    logging.getLogger(_name).addFilter(_REPLACED)
-
-
-class StopOnSignal(Checkpoint):
-    """Stop training after the optimizer step in which Ctrl-C or SIGTERM came, with ``last`` saved at that step.
-
-    A Checkpoint callback, so Lightning runs it after every other callback's ``on_train_batch_end``
-    (EMA updates and the like), as it runs ModelCheckpoint: the saved step is whole. Also records a
-    Ctrl-C that stopped training at once (``interrupted``), which Lightning turns into ``sys.exit(1)``.
-    """
-
-    def __init__(self, last: str | os.PathLike):
-        super().__init__()
-        self.last = Path(last)
-        self.interrupted = False
-        self._step = 0
-        self._deferring = False
-        self._kill = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning has installed its SIGTERM handler by now (the signal connector, just before the
-        # loops run; its teardown puts back the handlers it found). From here a signal only marks
-        # the stop as asked, and the end of the step acts on it.
-        self._step = trainer.global_step
-        _state["deferred"] += 1
-        self._deferring = True
-        _install()
-        launcher = trainer.strategy.launcher
-        if launcher is not None and trainer.is_global_zero:  # as Lightning's own handler does
-            self._kill = forward_signals(launcher.kill)
-
-    def _stop_deferring(self) -> None:
-        if self._deferring:
-            _state["deferred"] -= 1
-            self._deferring = False
-        if self._kill is not None:
-            stop_forwarding(self._kill)
-            self._kill = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step:
-            return  # between the batches of one accumulated step: no optimizer step yet
-        self._step = trainer.global_step
-        asked = stop_asked() or trainer.received_sigterm
-        if not trainer.strategy.reduce_boolean_decision(asked, all=False):  # any rank asked: all stop here
-            return
-        trainer.save_checkpoint(self.last, weights_only=False)
-        if trainer.is_global_zero:
-            log.info("stopped after step %d; %s holds it", trainer.global_step, self.last)
-        raise _stop_now(_state["asked"] or signal.SIGTERM)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.interrupted = True
-        self._stop_deferring()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._stop_deferring()
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._stop_deferring()
-
-
-def fit(trainer, model, *, last: str | os.PathLike, **fit_kwargs) -> None:
-    """``trainer.fit(model, **fit_kwargs)`` that stops as this module says.
-
-    last: the checkpoint a stop writes (the run's ``checkpoints/last.ckpt``; a rerun resumes from
-    it). Raises KeyboardInterrupt after a Ctrl-C (instead of Lightning's ``sys.exit(1)``) and
-    :class:`Terminated` after a SIGTERM, once the checkpoint is written; :func:`stop_cleanly` turns
-    them into the one line and the exit code.
-    """
-    if _state["owner"] != os.getpid() or not _state["deferred"]:
-        # A stop asked before this point has already stopped the job, or was not ours.
-        _state["asked"], _state["stopping"] = None, False
-    callback = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
-    if callback is None:
-        callback = StopOnSignal(last)
-        trainer.callbacks.append(callback)
-    try:
-        trainer.fit(model, **fit_kwargs)
-    except SystemExit as exc:
-        if callback.interrupted and not isinstance(exc, SIGTERMException):
-            # Lightning set Ctrl-C to "ignore" for its shutdown; the next one must work again.
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, _on_signal if _state["owner"] == os.getpid() else signal.default_int_handler)
-            raise KeyboardInterrupt from None
-        raise
-    if stop_asked():  # asked after the last step's check: training ended and saved its last.ckpt
-        raise _stop_now(_state["asked"])

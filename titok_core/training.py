@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from titok_core import stopping
+from titok_core import stopping_lightning
 from titok_core.checkpoints import atomic_path, save_model_file
 from titok_core.cli import Ranges
 from titok_core.runs import builtin_for, dataset_identity, default_run_dir, require_dataset, start_run
@@ -139,7 +139,7 @@ def fit(run: Run, module, *, identity: dict, recipe: dict, callbacks: list = (),
         log.info("resuming from %s (step %d)", run.last, run.resumed_from)
     # The one call of trainer.fit. Ctrl-C and SIGTERM finish the step in hand and save it in last.ckpt,
     # then raise KeyboardInterrupt / Terminated (the entry point's one line, exit 130 / 143).
-    stopping.fit(trainer, module, last=run.last, **data,
+    stopping_lightning.fit(trainer, module, last=run.last, **data,
                  ckpt_path=str(run.last) if run.resumed_from is not None else None, weights_only=True)
     return trainer
 
