@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO  # noqa: E402
 
-PAD = 2  # sampling and reconstruction grids: torchvision's make_grid padding
+PAD = 2  # sampling and reconstruction grids: the padding of titok_core.images.grid (as torchvision's make_grid)
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None,

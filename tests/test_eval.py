@@ -33,7 +33,7 @@ from eval.reference import (
 )
 from titok_core.checkpoints import CheckpointError
 from titok_core.data import list_image_files
-from titok_core.images import to_uint8
+from titok_core.images import save_png, to_uint8
 from titok_core.metrics import fid_from_stats, psnr, ssim
 
 
@@ -347,6 +347,20 @@ def test_psnr_ssim():
     with pytest.raises(ValueError):
         psnr(a, a[:2])
     assert to_uint8(torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1])).tolist() == [0, 128, 255, 255, 0]
+
+
+@pytest.mark.parametrize("shape, nrow", [((10, 3, 9, 7), 4), ((3, 3, 8, 8), 8), ((1, 3, 5, 6), 8), ((3, 5, 6), 8),
+                                         ((5, 1, 6, 6), 2)])
+def test_png_grids_are_torchvisions_save_image_pixel_for_pixel(tmp_path, shape, nrow):
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # some out of [0, 1]
+    save_png(images, tmp_path / "ours.png", nrow=nrow)
+    save_image(images.clamp(0, 1), tmp_path / "theirs.png", nrow=nrow, padding=2, pad_value=1.0)
+    with Image.open(tmp_path / "ours.png") as ours, Image.open(tmp_path / "theirs.png") as theirs:
+        assert ours.mode == theirs.mode == "RGB" and ours.size == theirs.size
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 # ---------------------------------------------------------------- GPU
