@@ -445,12 +445,16 @@ def test_demo_stages_chain(composed):
 
 
 def test_the_small_recipe_trains_rate_term_tokens_and_samples_for_them(composed):
-    # docs/small_data_recipe.md, "Round 3": the rate term from the first step in experiment=small (and the
+    # docs/small_data_recipe.md, "Round 3": the rate term from the start in experiment=small (and the
     # digits, which build on it); none in the demo's stage 1 (the shipped tokenizer adds it in stage 3) or in a
     # decoder-only stage (its encoder is frozen); the generator's sampling starts where the fits went.
     rates = {name: composed[("tokenizer", name)].loss.rate_weight
              for name in ("small", "digits", "demo", "small_decoder", "demo_decoder")}
     assert rates == {"small": 1e-3, "digits": 1e-3, "demo": 0.0, "small_decoder": 0.0, "demo_decoder": 0.0}
+    # "Round 4": the term grows over the first 1000 steps (at full weight at once, the demo shapes' codes collapsed).
+    warmups = {name: composed[("tokenizer", name)].loss.rate_warmup_steps
+               for name in ("small", "digits", "demo", "small_decoder", "titok_demo_stage3")}
+    assert warmups == {"small": 1000, "digits": 1000, "demo": 0, "small_decoder": 0, "titok_demo_stage3": 0}
     for name in ("small", "digits"):
         sampling = composed[("generator", name)].sampling
         assert (sampling.guidance_scale, sampling.randomize_temperature) == (3.0, 2.5), name

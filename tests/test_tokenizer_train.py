@@ -1,5 +1,6 @@
 """Tokenizer training: a tiny run end to end (compose API), resume, export, dead codes, stage 1."""
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -77,7 +78,11 @@ def test_tiny_run_trains_exports_and_resumes(tmp_path):
     assert tokens.shape == (2, 4) and tokens.dtype == torch.int64 and int(tokens.max()) < 16
     assert tok.decode(tokens).shape == (2, 3, 16, 16)
 
-    # A rerun with a larger budget resumes from last.ckpt and counts on from 30.
+    # A rerun with a larger budget resumes from last.ckpt and counts on from 30, also when its record is from
+    # before loss.rate_warmup_steps existed (it trained without one, the option's default).
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["recipe"]["loss"].pop("rate_warmup_steps") == 0
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
     again = train(_cfg(tmp_path, "trainer.max_steps=40", "codebook.quantizer_warmup_steps=5"))
     assert again["resumed_from_step"] == 30 and again["global_step"] == 40
     steps = [int(s) for s in _column(tmp_path / "run" / "logs" / "version_1" / "metrics.csv", "step")]
@@ -111,6 +116,16 @@ def test_rate_term_trains_an_fsq_tokenizer_towards_cheaper_codes(tmp_path):
 
     with pytest.raises(ValueError, match="rate_weight needs an FSQ tokenizer"):
         train(_cfg(tmp_path, "trainer.max_steps=1", f"run_dir={tmp_path / 'vq'}", "loss.rate_weight=0.5"))
+
+
+def test_the_rate_weight_grows_over_its_warmup():
+    from tokenizer.lightning_module import TiTokModule
+
+    fsq = {**TINY, "quantizer": "fsq", "fsq_levels": [5, 3], "use_l2_norm": False}
+    ramp = TiTokModule(model_config=fsq, loss={"rate_weight": 1e-3, "rate_warmup_steps": 100}, rate_classes=2)
+    assert [ramp.rate_weight_at(s) for s in (0, 25, 50, 100, 4000)] == pytest.approx([0, 2.5e-4, 5e-4, 1e-3, 1e-3])
+    at_once = TiTokModule(model_config=fsq, loss={"rate_weight": 1e-3}, rate_classes=2)
+    assert at_once.rate_weight_at(0) == at_once.rate_weight_at(4000) == 1e-3
 
 
 def test_codebook_usage_and_perplexity():

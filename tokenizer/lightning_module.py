@@ -284,10 +284,17 @@ class TiTokModule(L.LightningModule):
             labels = batch[1].to(self.device).long()
             u = self.model.quantize.digit_positions(z)
             rate = self.prior(u, labels).mean()
-            loss = loss + self.loss_cfg.rate_weight * rate
+            loss = loss + self.rate_weight_at(step) * rate
             logs.update({"train/rate": rate, "train/code_bits": self.prior.code_bits(u, labels)})
             self.prior.update(self.all_gather(u.detach()).reshape(-1, *u.shape[1:]), self.all_gather(labels).flatten())
         return loss, logs, _Forward(z, tokens, recon)
+
+    def rate_weight_at(self, step: int) -> float:
+        """``loss.rate_weight``, grown linearly from 0 over ``loss.rate_warmup_steps``: the codes take
+        shape under the reconstruction first, before their rate is pressed down (at full weight from the
+        first step, the demo shapes' codes collapsed to one per position within 250 steps)."""
+        warmup = self.loss_cfg.rate_warmup_steps
+        return self.loss_cfg.rate_weight * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
     # ----- training
     def _optimisers(self) -> list:

@@ -33,6 +33,8 @@ from tokenizer.presets import resolve_model
 from tokenizer.train_data import build_datasets, first_image_side
 
 log = logging.getLogger(__name__)
+# Options added after runs were recorded without them, with the value those runs trained with: they resume.
+ADDED_RECORD_KEYS = {"recipe.loss.rate_warmup_steps": 0}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -87,6 +89,7 @@ def train(cfg: DictConfig) -> dict:
         trainer_args=dict(check_val_every_n_epoch=None, num_sanity_val_steps=0),
         identity={"model": model_config, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True)},
         recipe={**groups, "proxy": OmegaConf.to_container(cfg.proxy, resolve=True)},
+        added_record=ADDED_RECORD_KEYS,
         # Two optimisers (manual optimisation): the module accumulates and clips gradients itself.
         on_trainer=module.take_over_optimisation,
     )
@@ -139,7 +142,8 @@ main = hydra_entry(
              "data.train_split": "data.split"},
     ranges=training.TRAINER_RANGES | Ranges(
         at_least_one=("data.val_images", "loss.gan.schedule_processes"), positive=("loss.gan.lr",),
-        not_negative=("loss.kl_weight", "loss.gan.weight", "loss.gan.start_step", "loss.gan.factor",
+        not_negative=("loss.kl_weight", "loss.rate_weight", "loss.rate_warmup_steps", "loss.gan.weight",
+                      "loss.gan.start_step", "loss.gan.factor",
                       "loss.gan.lecam_weight", "loss.gan.lecam_ema_decay")),
 )(_main)
 

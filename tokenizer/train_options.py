@@ -41,6 +41,7 @@ class LossConfig:
     reconstruction: str = "l2"
     reconstruction_weight: float = 1.0
     rate_weight: float = 0.0
+    rate_warmup_steps: int = 0  # the rate weight grows linearly from 0 over these steps
     gradient_weight: float = 0.0
     quantizer_weight: float = 1.0
     kl_weight: float = 1e-6  # VAE
