@@ -23,14 +23,15 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
 from titok_core.checkpoints import CheckpointError, read_state_dict
 from titok_core.errors import UsageError
 
-INCEPTION_URL = URL_INCEPTION_V3
-INCEPTION_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# torch-fidelity's URL_INCEPTION_V3, written out so that importing eval does not import torch-fidelity
+# (and torchvision's models with it) before Inception is needed; a test pins the two equal.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 FEATURE_DIM = 2048  # pool3
 NUM_LOGITS = 1008  # the TF graph's classifier (1000 classes + 8 unused)
 # torch-fidelity's defaults for IS (samples_shuffle=True, rng_seed=2020), so our IS equals its IS.
@@ -46,19 +47,26 @@ def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
 
 
+def check_weights_file(weights_path: str | os.PathLike | None) -> None:
+    """Raises InceptionWeightsError (one line) when a weights file is named and is not there (None: the hub's)."""
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise InceptionWeightsError(f"Inception weights file not found: {weights_path} (it is {INCEPTION_URL})")
+
+
 def build_inception(
     weights_path: str | os.PathLike | None = None, *, features: Iterable[str] = ("2048", "logits_unbiased")
-) -> FeatureExtractorInceptionV3:
+) -> torch.nn.Module:
     """torch-fidelity's ``inception-v3-compat`` extractor (eval mode, no grad, on the CPU).
 
     ``weights_path=None`` uses the torch hub cache, downloading the weights there when absent.
     Raises InceptionWeightsError (one line: the file, its URL, where to put it) when the
     weights are neither local nor downloadable.
     """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     features = list(features)
+    check_weights_file(weights_path)
     local = Path(weights_path) if weights_path is not None else hub_weights_path()
-    if weights_path is not None and not local.is_file():
-        raise InceptionWeightsError(f"Inception weights file not found: {local} (it is {INCEPTION_URL})")
     if local.is_file():
         # torch-fidelity reads with weights_only=False; a weights_only read first means a file
         # that holds anything but tensors is refused before it is unpickled.
@@ -92,7 +100,7 @@ class InceptionFeatures:
         *,
         device: str | torch.device = "cpu",
         keep_logits: bool = True,
-        extractor: FeatureExtractorInceptionV3 | None = None,
+        extractor: torch.nn.Module | None = None,
     ):
         self.device = torch.device(device)
         self.keep_logits = keep_logits
@@ -193,6 +201,8 @@ class InceptionFeatures:
         logits = self.logits()
         if logits.shape[0] < splits:
             raise UsageError(f"IS with {splits} splits needs at least {splits} images, got {logits.shape[0]}")
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
         out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=ISC_SHUFFLE_SEED)
         return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 

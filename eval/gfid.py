@@ -20,7 +20,9 @@ from omegaconf import DictConfig
 from eval import adm
 from eval.adm import precision_recall  # noqa: F401 - eval.gfid.precision_recall, as before the split
 from eval.demo_mode import evaluate_demo
+from eval.fidelity import check_weights_file
 from eval.inception_mode import evaluate_generator
+from eval.reference import check_reference_exists
 from eval.rfid_mode import evaluate_tokenizer
 from generator.sampler import SAMPLING_RANGES
 from sampling.pipeline import RENAMED_MODEL_KEYS
@@ -45,6 +47,11 @@ def run(cfg: DictConfig, pipe=None) -> dict:
         mode = "demo" if cfg.generator.spec is None and cfg.generator.checkpoint is None else "inception"
     if mode not in ("demo", "inception", "rfid"):
         raise UsageError(f"mode must be auto, demo, inception or rfid, got {cfg.mode!r}")
+    # The files a user names are checked before any process, model or network is started.
+    if mode in ("inception", "rfid"):
+        check_weights_file(cfg.inception_weights)
+    if mode == "inception" and cfg.reference:
+        check_reference_exists(cfg.reference)
     trainer = cfg.trainer
     fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
                     strategy=trainer.strategy)

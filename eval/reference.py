@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch_fidelity
 from PIL import Image
 from tqdm import tqdm
 
@@ -131,7 +130,7 @@ def reference_stats_from_folder(
         raise ReferenceStatsError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
     weights = INCEPTION_FILENAME if weights_path is None else Path(weights_path).name
     meta = {"folder": str(folder), "num_images": len(paths), "resolution": resolution, "weights": weights,
-            "features": FEATURE_DIM, "torch_fidelity": torch_fidelity.__version__}
+            "features": FEATURE_DIM, "torch_fidelity": _torch_fidelity_version()}
     cached = _cached_stats(cache_path, meta)
     if cached is not None:
         return cached
@@ -175,7 +174,7 @@ def reference_features_from_npz(
     shape = _npz_array_shape(path, "arr_0")
     weights = INCEPTION_FILENAME if weights_path is None else Path(weights_path).name
     meta = {"npz": str(path), "bytes": path.stat().st_size, "num_images": int(shape[0]), "weights": weights,
-            "features": FEATURE_DIM, "torch_fidelity": torch_fidelity.__version__}
+            "features": FEATURE_DIM, "torch_fidelity": _torch_fidelity_version()}
     if _cached_stats(cache_path, meta) is None:
         mu, sigma, features = _npz_image_features(path, weights_path=weights_path, device=device,
                                                   batch_size=batch_size, progress=progress)
@@ -232,10 +231,18 @@ def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
         return read_header(f)[0]
 
 
+def check_reference_exists(reference: str | os.PathLike) -> None:
+    """Raises ReferenceStatsError (one line) unless ``reference`` is a file or a folder."""
+    path = Path(reference)
+    if not (path.is_file() or path.is_dir()):
+        raise ReferenceStatsError(f"reference statistics not found: {path} (ImageNet 256: {ADM_REFERENCE_URL})")
+
+
 def _open_npz(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
-        raise ReferenceStatsError(f"reference statistics not found: {path} (ImageNet 256: {ADM_REFERENCE_URL})")
+        check_reference_exists(path)
+        raise ReferenceStatsError(f"{path} is a folder, not an .npz")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
@@ -275,3 +282,10 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as image:
             return center_crop_uint8(image, self.resolution)
+
+
+def _torch_fidelity_version() -> str:
+    """torch-fidelity's version, recorded in a cache's meta (read from its metadata: no import)."""
+    from importlib.metadata import version
+
+    return version("torch-fidelity")

@@ -90,12 +90,12 @@ def test_gfid_inception_and_resume(tiny, tmp_path, inception_weights, reference_
     state = tmp_path / "state"
     args = [
         "mode=inception", *tiny_args(tiny), f"reference={reference_npz}", f"inception_weights={inception_weights}",
-        "num_samples=20", "batch_size=10", f"state_dir={state}", "trainer.accelerator=cpu", "dtype=fp32",
+        "num_samples=10", "batch_size=5", f"state_dir={state}", "trainer.accelerator=cpu", "dtype=fp32",
     ]
     proc = run_cli("eval.gfid", *args, f"out={tmp_path / 'result.json'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json_line(proc)
-    assert result["metric"] == "gFID" and result["num_samples"] == 20 and result["seed"] == 0
+    assert result["metric"] == "gFID" and result["num_samples"] == 10 and result["seed"] == 0
     assert np.isfinite(result["fid"]) and result["fid"] > 0 and result["is_mean"] >= 1.0
     assert result["model"] == str(tiny["generator.spec"]) and result["sampling"]["num_steps"] == 8
     assert json.loads((tmp_path / "result.json").read_text()) == result

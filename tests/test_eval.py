@@ -236,6 +236,7 @@ def test_offline_missing_weights_message(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert INCEPTION_FILENAME == "weights-inception-2015-12-05-6726825d.pth"
+    assert INCEPTION_URL == tf_inception.URL_INCEPTION_V3  # written out in eval.fidelity, so torch-fidelity loads late
     for part in (INCEPTION_FILENAME, INCEPTION_URL, str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILENAME),
                  "weights_path", "URLError"):
         assert part in message

@@ -32,7 +32,7 @@ def _cfg(official_tiny, reference, inception_weights, **overrides):
         "mode": "inception", "generator.spec": fx / "generator_imagebert" / "config.yaml",
         "generator.checkpoint": fx / "generator_imagebert" / "generator.bin", "tokenizer.spec": fx / "tokenizer" / "config.yaml",
         "tokenizer.checkpoint": fx / "tokenizer" / "tokenizer.bin", "reference": reference,
-        "inception_weights": inception_weights, "num_samples": 20, "batch_size": 10, "state_dir": "null",
+        "inception_weights": inception_weights, "num_samples": 10, "batch_size": 5, "state_dir": "null",
         "out": "null", "seed": 3, **overrides,
     }
     with initialize_config_dir(config_dir=str(EVAL_CONF), version_base="1.3"):
@@ -42,16 +42,16 @@ def _cfg(official_tiny, reference, inception_weights, **overrides):
 def test_pipelined_gfid_equals_the_plain_loop(official_tiny, reference, inception_weights):
     cfg = _cfg(official_tiny, reference, inception_weights, **{"trainer.accelerator": "cpu"}, dtype="fp32")
     result = run(cfg)
-    assert result["overlap"] is True and result["num_samples"] == 20 and result["loop_seconds"] > 0
+    assert result["overlap"] is True and result["num_samples"] == 10 and result["loop_seconds"] > 0
 
     # The loop eval.gfid ran before the stages were split: batch b with seed * 1_000_003 + b.
     pipe = pipeline_from_config(cfg)
     acc = InceptionFeatures(inception_weights)
-    labels = class_balanced_labels(20, pipe.generator.num_classes)
-    for b, start in enumerate(range(0, 20, 10)):
+    labels = class_balanced_labels(10, pipe.generator.num_classes)
+    for b, start in enumerate(range(0, 10, 5)):
         rng = torch.Generator().manual_seed(3 * 1_000_003 + b)
         with torch.inference_mode():
-            tokens = sample_tokens(pipe.generator, labels[start : start + 10], rng=rng, **pipe.sampling)
+            tokens = sample_tokens(pipe.generator, labels[start : start + 5], rng=rng, **pipe.sampling)
             acc.update(to_uint8(pipe.tokenizer.decode(tokens).float()))
     mu, sigma = acc.fid_stats()
     assert result["fid"] == fid_from_stats(mu, sigma, *load_reference_stats(reference))
@@ -65,4 +65,4 @@ def test_gpu_overlap_keeps_the_figures(official_tiny, reference, inception_weigh
     assert (a["fid"], a["is_mean"], a["is_std"]) == (b["fid"], b["is_mean"], b["is_std"])
     fast = run(_cfg(official_tiny, reference, inception_weights, sampler_compile="reduce-overhead",
                     decoder_compile="default"))
-    assert fast["sampler_compile"] == "reduce-overhead" and np.isfinite(fast["fid"]) and fast["num_samples"] == 20
+    assert fast["sampler_compile"] == "reduce-overhead" and np.isfinite(fast["fid"]) and fast["num_samples"] == 10

@@ -23,3 +23,11 @@ def test_ruff_finds_nothing():
         command = [ruff]
     done = subprocess.run([*command, "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_the_longest_first_list_names_test_files_that_exist():
+    from conftest import LONGEST_FIRST
+
+    tests = REPO / "tests"
+    assert [name for name in LONGEST_FIRST if not (tests / name).is_file()] == []
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
