@@ -1,12 +1,14 @@
 """Shared fixtures: the official golden outputs (tests/fixtures), composed Hydra configs, a
-random Inception, and the CPU thread count the golden outputs were made with."""
+random Inception, and the CPU threads of each test (one; two where a golden output is compared)."""
 from __future__ import annotations
 
 import os
 
-# numpy's BLAS (OpenBLAS) runs one thread in each test process and in the commands the tests start:
-# the suite runs one worker per core, and OpenBLAS threads contending for the cores made every FID's
-# 2048x2048 eigendecomposition about 1.7x slower. Set before numpy is first imported (by torch below).
+# One thread per test process, for torch and for numpy's BLAS (OpenBLAS), here and in the commands
+# the tests start: the suite runs one worker per core, and two threads a worker contending for the
+# cores made Inception 2.6x and a 2048x2048 eigendecomposition (every FID) 1.7x slower on a busy
+# 2-core machine. Set before torch and numpy are first imported (below).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
@@ -103,9 +105,11 @@ def reference_npz(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _cpu_threads():
-    # The fixtures were made with 2 threads; results move by ~3e-5 with other counts.
-    torch.set_num_threads(2)
+def _cpu_threads(request):
+    """torch's threads for the test: 1, or ``@pytest.mark.cpu_threads(n)``'s n. The golden outputs were
+    made with 2 threads, and results move by ~3e-5 with other counts, so their comparisons ask for 2."""
+    marker = request.node.get_closest_marker("cpu_threads")
+    torch.set_num_threads(marker.args[0] if marker else 1)
     yield
 
 

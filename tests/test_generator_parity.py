@@ -12,6 +12,8 @@ from generator.presets import PRESETS
 from sampling import sample_tokens
 from titok_core.checkpoints import read_config_file, save_model_file
 
+pytestmark = pytest.mark.cpu_threads(2)  # the golden outputs were made with 2 threads
+
 ARCHS = ["generator_imagebert", "generator_uvit"]
 
 

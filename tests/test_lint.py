@@ -31,3 +31,16 @@ def test_the_longest_first_list_names_test_files_that_exist():
     tests = REPO / "tests"
     assert [name for name in LONGEST_FIRST if not (tests / name).is_file()] == []
     assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+
+
+def test_a_test_runs_one_cpu_thread_unless_it_asks_for_more():
+    import torch
+
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.cpu_threads(2)
+def test_a_golden_comparison_gets_the_two_threads_its_outputs_were_made_with():
+    import torch
+
+    assert torch.get_num_threads() == 2

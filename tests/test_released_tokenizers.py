@@ -17,6 +17,8 @@ from tokenizer.presets import HUB_REPOS, RELEASED_FILES
 
 from conftest import FIXTURES
 
+pytestmark = pytest.mark.cpu_threads(2)  # the golden outputs were made with 2 threads
+
 RELEASED = ["titok_l32", "titok_b64", "titok_s128", "titok_bl64_vq8k", "titok_bl128_vq8k", "titok_sl256_vq8k",
             "titok_ll32_vae_c16", "titok_bl64_vae_c16", "titok_bl128_vae_c16"]
 

@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 from titok_core.checkpoints import read_config_file
 from tokenizer import CheckpointError, load_tokenizer, official
 
+pytestmark = pytest.mark.cpu_threads(2)  # the golden outputs were made with 2 threads
+
 
 def _load(fx):
     d = fx / "tokenizer"

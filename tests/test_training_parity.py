@@ -23,6 +23,8 @@ from tokenizer.perceptual import LPIPS, PerceptualLoss
 
 from conftest import REPO
 
+pytestmark = pytest.mark.cpu_threads(2)  # the golden outputs were made with 2 threads
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 
 
