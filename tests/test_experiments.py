@@ -451,10 +451,11 @@ def test_the_small_recipe_trains_rate_term_tokens_and_samples_for_them(composed)
     rates = {name: composed[("tokenizer", name)].loss.rate_weight
              for name in ("small", "digits", "demo", "small_decoder", "demo_decoder")}
     assert rates == {"small": 1e-3, "digits": 1e-3, "demo": 0.0, "small_decoder": 0.0, "demo_decoder": 0.0}
-    # "Round 4": the term grows over the first 1000 steps (at full weight at once, the demo shapes' codes collapsed).
+    # "Rounds 4 and 5": the term grows over the first 250 steps (at full weight at once, the demo shapes' codes
+    # collapsed; over 1000 steps the digits' and Fashion-MNIST's samples came out further from their reconstructions).
     warmups = {name: composed[("tokenizer", name)].loss.rate_warmup_steps
                for name in ("small", "digits", "demo", "small_decoder", "titok_demo_stage3")}
-    assert warmups == {"small": 1000, "digits": 1000, "demo": 0, "small_decoder": 0, "titok_demo_stage3": 0}
+    assert warmups == {"small": 250, "digits": 250, "demo": 0, "small_decoder": 0, "titok_demo_stage3": 0}
     for name in ("small", "digits"):
         sampling = composed[("generator", name)].sampling
         assert (sampling.guidance_scale, sampling.randomize_temperature) == (3.0, 2.5), name
