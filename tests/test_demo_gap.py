@@ -110,3 +110,18 @@ def test_strided_ceiling_index():
 
     assert _strided(torch.arange(10), 3).tolist() == [0, 4, 9]  # linspace 0, 4.5, 9 rounded half to even
     assert _strided(torch.tensor([4, 7]), 5).tolist() == [4, 7, 4, 7, 4]
+
+
+def test_real_reference_takes_every_class_as_often_as_it_is_held_out():
+    from eval.demo_mode import real_reference_index
+
+    # The digits' sizes: 1,528 training images against 269 held out, ordered by class. A stride over the
+    # whole split (1528 // 269 = 5, the first 269 of 306) left class 9 out entirely.
+    train = torch.arange(10).repeat_interleave(torch.tensor([152, 153, 151, 155, 153, 154, 152, 153, 151, 154]))
+    heldout = torch.arange(10).repeat_interleave(torch.tensor([26, 29, 26, 28, 28, 28, 29, 26, 23, 26]))
+    index = real_reference_index(train, heldout)
+    assert len(index) == len(heldout) == 269
+    assert torch.equal(torch.bincount(train[index], minlength=10), torch.bincount(heldout, minlength=10))
+    assert len(set(index.tolist())) == len(index)  # no image twice where the class has enough
+    first9 = int(torch.nonzero(train == 9)[0])
+    assert int(index[train[index] == 9].min()) == first9 and int(index.max()) == len(train) - 1  # spread over the class
