@@ -26,14 +26,14 @@ class SearchOptions:
     """The search's settings (conf/generator/fit_sampling.yaml documents each)."""
 
     space: dict = field(default_factory=dict)  # sampling key -> the values to try
-    num_samples: int = 200  # per candidate, the same count of every class (rounded up)
-    confirm_samples: int = 200  # more samples of the finalists and the defaults, from seed + 1; 0: no second round
+    num_samples: int = 500  # per candidate, the same count of every class (rounded up)
+    confirm_samples: int = 500  # more samples of the finalists and the defaults, from seed + 1; 0: no second round
     finalists: int = 2
     passes: int = 2  # coordinate-descent passes at most (one more only when the first moved)
     seed: int = 1
     batch_size: int = 100
     dtype: str = "auto"
-    max_time: float | None = 240.0  # seconds for the whole step; None: no limit
+    max_time: float | None = 360.0  # seconds for the whole step; None: no limit
     judge_steps: int = 400  # the judge's training steps (eval.gfid's classifier_steps: one cached judge for both)
     device: str = "auto"
 
