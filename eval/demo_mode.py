@@ -178,7 +178,7 @@ def real_reference_index(train_labels: torch.Tensor, heldout_labels: torch.Tenso
     real-vs-real figures: for every class, as many as it has held-out images, evenly spread over the class.
 
     A stride over the whole split (ordered by class) would drop the last classes wherever the split sizes are not
-    multiples of each other (the digits: 1,528 against 269 left out most of classes 8 and 9).
+    multiples of each other (the digits: 1,528 against 269 left out class 9 and a quarter of class 8).
     """
     num_classes = int(max(train_labels.max(), heldout_labels.max())) + 1
     counts = torch.bincount(heldout_labels, minlength=num_classes).tolist()
