@@ -130,8 +130,7 @@ def evaluate_demo(cfg: DictConfig, device: torch.device) -> dict:
     train_feats = classifier.features(train_images[real_reference_index(train_labels, val_labels)].float() / 255).cpu()
     # The ceiling's FID: reconstructions of demo_per_class training images of every class (evenly
     # strided within the class), scored against the held-out images exactly as the samples are.
-    ceiling_index = torch.cat([_strided(torch.nonzero(train_labels == c).flatten(), cfg.demo_per_class)
-                               for c in range(num_classes)])
+    ceiling_index = _strided_per_class(train_labels, [cfg.demo_per_class] * num_classes)
     ceiling_feats, ceiling_correct, ceiling_shape = [], torch.zeros(num_classes), torch.zeros(num_classes)
     for index in ceiling_index.split(cfg.batch_size):
         _, recon = reconstruct(train_images[index])
@@ -181,9 +180,14 @@ def real_reference_index(train_labels: torch.Tensor, heldout_labels: torch.Tenso
     multiples of each other (the digits: 1,528 against 269 left out class 9 and a quarter of class 8).
     """
     num_classes = int(max(train_labels.max(), heldout_labels.max())) + 1
-    counts = torch.bincount(heldout_labels, minlength=num_classes).tolist()
-    return torch.cat([_strided(torch.nonzero(train_labels == c).flatten(), n) for c, n in enumerate(counts)
-                      if n and bool((train_labels == c).any())])
+    in_train = torch.bincount(train_labels, minlength=num_classes) > 0
+    return _strided_per_class(train_labels, (torch.bincount(heldout_labels, minlength=num_classes) * in_train).tolist())
+
+
+def _strided_per_class(labels: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Indices into ``labels``: ``counts[c]`` of class c's, evenly spread over the class (:func:`_strided`), in class
+    order; a class whose count is 0 gives none."""
+    return torch.cat([_strided(torch.nonzero(labels == c).flatten(), n) for c, n in enumerate(counts)])
 
 
 def _strided(index: torch.Tensor, count: int) -> torch.Tensor:
