@@ -58,7 +58,8 @@ def masked_token_loss(
     weights) or "elbo" (a masked position of a row with m of L masked weighs L / m, an unmasked one
     ``unmasked_weight``, over B * L: every row's masked tokens count as its mean).
     """
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
+    logits = logits.float()  # the loss in fp32; the argmax below is also faster on fp32 than on bf16 on CPUs
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")
     if weighting == "elbo":
         per_row = mask.shape[1] / mask.sum(1, keepdim=True).clamp(min=1)
         weights = torch.where(mask, per_row, unmasked_weight)

@@ -17,16 +17,16 @@ Shapes: B batch, N = num_tokens image tokens, L = N + 1, D = hidden_size, K = co
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from generator import official
+from titok_core.attention import attention
 from titok_core.errors import UsageError
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv Linear -> scaled_dot_product_attention -> proj -> dropout."""
+    """Multi-head self-attention: qkv Linear -> attention (titok_core.attention) -> proj -> dropout."""
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -40,7 +40,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, L, Dh)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, L, Dh)
         return self.proj_drop(self.proj(rearrange(x, "b h l d -> b l (h d)")))
 
 

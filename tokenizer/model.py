@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from titok_core.attention import attention
 from titok_core.errors import UsageError
 from tokenizer import official
 from tokenizer.config import TiTokConfig
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv Linear -> scaled_dot_product_attention -> proj."""
+    """Multi-head self-attention: qkv Linear -> attention (titok_core.attention) -> proj."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -38,7 +39,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+        x = attention(q, k, v)  # (B, H, L, Dh)
         return self.proj(rearrange(x, "b h l d -> b l (h d)"))
 
 
