@@ -3,8 +3,9 @@
 One function, two routes to the same result, chosen by where the time goes (``python -m
 titok_bench.attention`` prints the figures for the machine it runs on):
 
-- ``F.scaled_dot_product_attention`` (flash or memory-efficient kernels) everywhere it is fast:
-  on GPUs, in fp32, and in every forward pass without gradients (sampling, caching, evaluation).
+- ``F.scaled_dot_product_attention`` (flash or memory-efficient kernels) on GPUs, in fp32, and in
+  every pass without gradients (sampling, caching, evaluation): there neither route is faster at
+  every shape, and the fused kernel keeps the numerics the released models were checked with.
 - ``softmax(q kᵀ / √d) v`` written out, when the gradient is needed on a CPU in bf16 or fp16 and the
   scores are small enough to stay in the CPU's caches (at most ``WRITTEN_OUT_MAX_SCORES`` = B·H·L²).
   The backward pass of PyTorch's flash kernel for CPUs is 2-5x slower there than the written-out
