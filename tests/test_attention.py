@@ -92,3 +92,12 @@ def test_the_benchmark_prints_both_routes(capsys):
     assert all(row[k] > 0 for k in ("train_fused_ms", "train_written_out_ms", "forward_fused_ms",
                                     "forward_written_out_ms"))
     assert '"benchmark": "attention"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["64,4,33", "a,b,c,d", "2,0,9,8"])
+def test_the_benchmark_refuses_a_bad_shape_in_one_line(shape, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_main(["--shape", shape])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument --shape: {shape!r} is not B,H,L,Dh" in err

@@ -21,6 +21,17 @@ from titok_core.runtime import DTYPES, pick_device
 DEFAULT_SHAPES = ("64,4,33,64", "16,4,97,32", "8,16,289,64")
 
 
+def shape_arg(text: str) -> tuple[int, int, int, int]:
+    """'B,H,L,Dh' -> four positive ints (argparse reports anything else in one line)."""
+    try:
+        shape = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not B,H,L,Dh (four positive integers)")
+    return shape
+
+
 def time_route(fn, shape, *, dtype, device, grad: bool, warmup: int, iters: int) -> float:
     """Milliseconds per call of fn(q, k, v): forward + backward when grad, else forward under no_grad."""
     q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=grad) for _ in range(3))
@@ -37,7 +48,8 @@ def time_route(fn, shape, *, dtype, device, grad: bool, warmup: int, iters: int)
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", help="B,H,L,Dh (repeatable; default: %s)" % " ".join(DEFAULT_SHAPES))
+    p.add_argument("--shape", action="append", type=shape_arg,
+                   help="B,H,L,Dh (repeatable; default: %s)" % " ".join(DEFAULT_SHAPES))
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=20)
@@ -45,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
     rows = []
-    for text in args.shape or DEFAULT_SHAPES:
-        shape = tuple(int(n) for n in text.split(","))
+    for shape in args.shape or [shape_arg(text) for text in DEFAULT_SHAPES]:
         row = {"shape": list(shape)}
         for grad in (True, False):
             kind = "train" if grad else "forward"
