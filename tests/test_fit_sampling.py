@@ -29,11 +29,12 @@ from generator.fit_sampling import (
     SearchOptions,
     coordinate_search,
     fit_file,
+    noise_margin,
     parse_duration,
     state_path,
     summary,
 )
-from generator.sampler import SAMPLING_KEYS
+from generator.sampler import SAMPLING_DEFAULTS, SAMPLING_KEYS
 from titok_core.checkpoints import read_model_extra, read_model_file, save_model_file
 from tokenizer import build_tokenizer
 
@@ -54,8 +55,8 @@ class MadeUp:
 
     def __call__(self, settings, round_):
         self.calls.append((dict(settings), round_))
-        fid, acc = self.figures(settings, round_)
-        return Figures(fid=fid, accuracy=acc, samples=100 * (round_ + 1))
+        fid, acc, *fresh = self.figures(settings, round_)
+        return Figures(fid=fid, accuracy=acc, samples=100 * (round_ + 1), fresh_fid=fresh[0] if fresh else None)
 
 
 def _search(evaluate, **kw):
@@ -107,6 +108,32 @@ def test_the_second_round_overrules_a_lucky_first():
 
     result = _search(MadeUp(figures))
     assert result["chosen"] == DEFAULTS and result["round"] == 1
+
+
+def _one_better_finalist(gain, defaults_first, defaults_fresh):
+    """Figures where guidance 2 alone beats the defaults, by ``gain`` at both rounds; the defaults' two draws
+    give ``defaults_first`` and ``defaults_fresh`` (their second-round pooled FID is their mean)."""
+    def figures(s, r):
+        better = s == {**DEFAULTS, "guidance_scale": 2.0}
+        pooled = (defaults_first + defaults_fresh) / 2
+        if r == 0:
+            return (defaults_first - gain if better else defaults_first if s == DEFAULTS else 20.0), 0.9
+        return (pooled - gain if better else pooled if s == DEFAULTS else 20.0), 0.9, (
+            defaults_fresh - gain if better else defaults_fresh)
+    return figures
+
+
+def test_a_gain_within_the_defaults_own_spread_keeps_the_defaults():
+    # The defaults' two draws: 0.93 and 1.12 (Fashion-MNIST's fit, round 13): spread 0.19 / sqrt(2) = 0.134.
+    kept = _search(MadeUp(_one_better_finalist(0.09, 0.93, 1.12)))
+    assert kept["chosen"] == DEFAULTS and kept["round"] == 1
+    assert kept["margin"] == pytest.approx(0.19 / 2 ** 0.5)
+    # The same gain where the defaults' draws agree, and a gain beyond their spread: the finalist wins.
+    for gain, first, fresh in [(0.09, 1.0, 1.02), (0.5, 0.93, 1.12)]:
+        moved = _search(MadeUp(_one_better_finalist(gain, first, fresh)))
+        assert moved["chosen"] == {**DEFAULTS, "guidance_scale": 2.0} and moved["round"] == 1
+        assert moved["margin"] == pytest.approx(abs(first - fresh) / 2 ** 0.5)
+    assert noise_margin(Figures(1.0, 0.9, 100), Figures(1.0, 0.9, 200)) == 0.0  # no fresh figure: no margin
 
 
 def test_out_of_time_stops_taking_candidates_and_still_never_does_worse():
@@ -341,10 +368,10 @@ def test_the_search_is_repeatable_and_the_file_loads_everywhere(uninterrupted, t
     assert all(torch.equal(state[k], v) for k, v in before[2].items()) and set(state) == set(before[2])
     extra = read_model_extra(path)
     assert extra["sampling"] == reference["chosen"] and extra["tokenizer"]["spec"] == "tokenizer.safetensors"
-    assert reference["defaults"] == {**DEFAULTS, "num_steps": 4}
+    assert reference["defaults"] == {**SAMPLING_DEFAULTS, **DEFAULTS, "num_steps": 4}  # the file's, completed
     assert reference["table"][0]["settings"] == reference["defaults"] and reference["seed"] == 1
-    assert reference["judge"]["kind"] == "demo_classifier" and "val split" in reference["judge"]["held_out"]
-    assert "objective" in reference and "defaults" in summary(reference)
+    assert reference["judge"]["kind"] == "demo_classifier" and "images of val/" in reference["judge"]["held_out"]
+    assert "objective" in reference and "defaults" in summary(reference) and reference["margin"] >= 0
     assert load_generator(path).sampling == reference["chosen"]
 
 
@@ -369,7 +396,7 @@ def test_explicit_sampling_options_win_over_the_fitted_ones(uninterrupted, monke
     out = generate(classes=0, n=2, generator={"checkpoint": "fitted.safetensors"}, out_dir="samples", device="cpu",
                    sampling={"guidance_scale": 0.5})
     assert out["sampling"]["guidance_scale"] == 0.5 and out["sampling"]["num_steps"] == 3
-    assert generate(classes=0, n=2, generator={"checkpoint": "fitted.safetensors"}, out_dir="samples",
+    assert generate(classes=0, n=2, generator={"checkpoint": "fitted.safetensors"}, out_dir="samples_fitted",
                     device="cpu")["sampling"] == chosen
     # eval.gfid reads the same way (its sampling group, null: the file's)
     from eval.samples import pipeline_from_config
@@ -393,8 +420,8 @@ def test_generator_train_ends_with_the_search_and_keeps_its_command_line_setting
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.mlp_dim=64", "batch_size=16",
         "trainer.max_steps=4", "trainer.max_time=null", "trainer.accelerator=cpu", "trainer.devices=1",
         "sample_every_n_steps=0", "sampling.num_steps=3", *TINY_OPTIONS[:4],
-        "fit_sampling.max_time=null", "fit_sampling.device=cpu", _space({"guidance_scale": [0.0, 1.0],
-                                                                          "num_steps": [2, 4]}),
+        "fit_sampling.enabled=true", "fit_sampling.max_time=null", "fit_sampling.device=cpu",
+        _space({"guidance_scale": [0.0, 1.0], "num_steps": [2, 4]}),
     ]
     out = subprocess.run([sys.executable, "-m", "generator.train", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=900, env=job_env({"XDG_CACHE_HOME": str(tmp_path / "xdg")}))

@@ -22,7 +22,10 @@ drawn with the same seed and labels (common random numbers), so two candidates d
 settings and not by their luck, which makes a few hundred samples enough to rank them. Then,
 as in successive halving, the few best get a second, fresh set of samples (another seed; the
 figures are over both sets), and the choice is made there: a candidate that won the first
-round by chance does not survive a second draw. Each candidate's samples depend only on its
+round by chance does not survive a second draw. There a finalist must beat the defaults by more than
+the defaults' own spread between their two draws (|first - second| / sqrt(2), from the second draw's
+samples alone): on Fashion-MNIST a 10% gain on 500 + 500 samples did not hold on other seeds
+(docs/small_data_recipe.md, round 13). Each candidate's samples depend only on its
 settings and the round's seed, never on the order of evaluation, so a resumed search equals an
 uninterrupted one.
 
@@ -55,11 +58,11 @@ from generator.fit_sampling.options import (
 )
 from generator.fit_sampling.report import summary
 from generator.fit_sampling.run import OBJECTIVE, fit_after_training, fit_file, fit_sampling, pinned_sampling_keys
-from generator.fit_sampling.search import Figures, coordinate_search
+from generator.fit_sampling.search import Figures, coordinate_search, noise_margin
 from generator.fit_sampling.state import STATE_KIND, SearchState, state_path, weights_fingerprint
 
 __all__ = [
     "FIT_SAMPLING_RANGES", "OPTION_KEYS", "SearchOptions", "guided_forwards", "normalise", "parse_duration",
     "settings_key", "summary", "OBJECTIVE", "fit_after_training", "fit_file", "fit_sampling", "pinned_sampling_keys",
-    "Figures", "coordinate_search", "STATE_KIND", "SearchState", "state_path", "weights_fingerprint", "main",
+    "Figures", "coordinate_search", "noise_margin", "STATE_KIND", "SearchState", "state_path", "weights_fingerprint", "main",
 ]

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 OBJECTIVE = ("classifier-FID of the samples against the held-out images (lower is better); eligible: class "
-             "accuracy at least the defaults'")
+             "accuracy at least the defaults'; at the second round, a gain over the defaults larger than their own "
+             "spread between the two draws")
 
 
 def fit_sampling(
@@ -78,6 +79,8 @@ def fit_sampling(
         found = state.get(settings, round_)
         if found is not None:
             bar.update(len(labels[round_]))
+            if round_ > 0 and found.fresh_fid is None:  # a state written before fresh figures were kept
+                found.fresh_fid = judge.fid(state.features_of(settings, round_))
             return found
         t0 = time.monotonic()
         feats, correct = draw_and_judge(generator, tokenizer, judge, settings, labels=labels[round_],
@@ -92,7 +95,7 @@ def fit_sampling(
         seconds = time.monotonic() - t0
         new_seconds += seconds
         figures = Figures(fid=judge.fid(feats_all), accuracy=correct / len(feats_all), samples=len(feats_all),
-                          seconds=round(seconds, 3))
+                          seconds=round(seconds, 3), fresh_fid=judge.fid(feats) if round_ > 0 else None)
         state.put(settings, round_, figures, feats)
         log.info("fit_sampling round %d: %s -> classifier-FID %.3f, accuracy %.1f%% (%.1fs)", round_ + 1,
                  changes(settings, defaults) or "defaults", figures.fid, 100 * figures.accuracy, seconds)
@@ -122,7 +125,7 @@ def fit_sampling(
     bar.close()
     return {
         "chosen": result["chosen"], "defaults": defaults, "decided_at_round": result["round"] + 1,
-        "out_of_time": result["out_of_time"], "objective": OBJECTIVE, "judge": judge.record,
+        "out_of_time": result["out_of_time"], "margin": result["margin"], "objective": OBJECTIVE, "judge": judge.record,
         "seed": options.seed, "rounds": [{"samples": len(y), "seed": s} for y, (_, s) in zip(labels, rounds)],
         "search": {k: v for k, v in search_settings.items() if k not in ("dtype", "device")}, "fixed": list(fixed),
         "max_time": options.max_time, "table": state.table(), "seconds": round(state.seconds, 1),
