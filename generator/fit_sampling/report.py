@@ -47,10 +47,14 @@ def summary(record: Mapping) -> str:
     if record["judge_seconds"] >= 1:
         took += f", after {record['judge_seconds']:.0f} s loading or training the judge"
     margin = record.get("margin") or 0.0
-    spread = f" by more than their own spread between draws ({margin:.2f})" if margin > 0 else ""
-    verdict = (f"the defaults stay: no candidate beat them on the judge{spread}" if chosen == defaults else
-               "chosen: " + changes(chosen, defaults) + (f" (it beat the defaults by more than their own spread "
-                                                         f"between draws, {margin:.2f})" if margin > 0 else ""))
+    if chosen == defaults:
+        verdict = "the defaults stay: no candidate beat them on the judge"
+        if margin > 0:
+            verdict += f" by more than their own spread between draws ({margin:.2f})"
+    else:
+        verdict = "chosen: " + changes(chosen, defaults)
+        if margin > 0:
+            verdict += f" (it beat the defaults by more than their own spread between draws, {margin:.2f})"
     return "\n".join([
         f"fit_sampling: {len(record['table'])} candidates judged by the dataset's classifier against held-out images "
         f"({judge['held_out'].removeprefix('held out: ')}); seed {record['seed']}; {took}"

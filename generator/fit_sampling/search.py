@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from generator.fit_sampling.options import settings_key
 
@@ -100,7 +100,7 @@ def coordinate_search(
         if (cached(defaults, 1) and cached(picks[0], 1)) or affordable(defaults, 1, len(picks)):
             base1 = evaluate(defaults, 1)
             margin = noise_margin(base, base1)
-            best1, chosen1 = Figures(fid=base1.fid - margin, accuracy=base1.accuracy, samples=base1.samples), defaults
+            best1, chosen1 = replace(base1, fid=base1.fid - margin), defaults  # the bar a finalist must clear
             for i, candidate in enumerate(picks):
                 if not cached(candidate, 1) and not affordable(candidate, 1, len(picks) - i - 1):
                     out_of_time = True
