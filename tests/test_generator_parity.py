@@ -15,7 +15,7 @@ from titok_core.checkpoints import read_config_file, save_model_file
 pytestmark = pytest.mark.cpu_threads(2)  # the golden outputs were made with 2 threads
 
 ARCHS = ["generator_imagebert", "generator_uvit"]
-# fp32 logits (magnitudes up to about 5) against the official ones: the CPU's fp32 kernels move them by up to
+# fp32 logits (magnitudes up to about 5) against the official ones: the CPU's fp32 kernels move them by
 # under 1e-5 on an AMD Zen 4 and up to 1.3e-5 on an Intel Xeon with AMX (the U-ViT's sampling calls); a wrong layer
 # moves them by orders of magnitude more.
 LOGITS_ATOL = 2e-5
