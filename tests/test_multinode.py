@@ -22,8 +22,10 @@ one process would run their matmuls with different thread counts (different summ
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,9 +47,25 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RA
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a rendezvous that the nodes bind seconds later.
+
+    Not one the kernel hands out (bind to port 0): until node 0 binds it, the same port can go to any other
+    socket, an outgoing connection of another test's ranks or Lightning's own free-port search, and node 0
+    then fails at start-up. So it is drawn at random from below the kernel's ephemeral range and checked
+    free now."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 12000), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low}")
 
 
 def _env(**extra: str) -> dict:
