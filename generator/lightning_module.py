@@ -88,7 +88,7 @@ class MaskGITModule(L.LightningModule):
     ):
         """The keyword arguments are the ``optim`` config group of ``generator.train``. ema, ema_decay:
         the EMA of the weights, which the entry point adds as ``titok_core.trainer.ema_callback``.
-        fused_adamw: the fused AdamW kernel (None: on CUDA without fp16 loss scaling); compile:
+        fused_adamw: the fused AdamW kernel (None: on CUDA and CPUs, without fp16 loss scaling); compile:
         torch.compile the network and the loss (the masking stays eager). Neither changes the recipe."""
         super().__init__()
         if mask_schedule not in MASK_SCHEDULES:
@@ -155,7 +155,7 @@ class MaskGITModule(L.LightningModule):
     def _fused_adamw(self) -> bool:
         fused = self.hparams.get("fused_adamw")
         if fused is None:  # fp16 loss scaling would unscale inside the fused step, before clipping
-            fused = self.device.type == "cuda" and self._grad_scaler() is None
+            fused = self.device.type in ("cuda", "cpu") and self._grad_scaler() is None
         return bool(fused)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -108,11 +108,16 @@ def test_fused_adamw_with_bf16_mixed_and_clipping(tmp_path):
     """Lightning refuses to clip for a fused optimizer under mixed precision; the module clips itself."""
     data = _cache(tmp_path / "c")
     results = {}
-    for fused in (False, True):
+    for fused in (False, True, None):  # None (the default): fused on a CPU too, where no fp16 loss scaling is used
         trainer, module, _ = _fit(data, on_device=True, steps=3, precision="bf16-mixed", fused_adamw=fused)
-        assert trainer.optimizers[0].defaults["fused"] is (True if fused else None)
+        assert trainer.optimizers[0].defaults["fused"] is (None if fused is False else True)
         results[fused] = torch.cat([p.detach().flatten() for p in module.parameters()])
     torch.testing.assert_close(results[True], results[False], atol=2e-3, rtol=0)  # bf16 forward, fp32 updates
+    assert torch.equal(results[None], results[True])
+    # In fp32 the fused kernel is the same optimiser as the per-tensor loop, to float rounding.
+    fp32 = [torch.cat([p.detach().flatten() for p in _fit(data, on_device=True, steps=3, fused_adamw=fused)[1].parameters()])
+            for fused in (False, None)]
+    torch.testing.assert_close(fp32[1], fp32[0], atol=1e-6, rtol=0)
 
 
 def test_compiled_step_keeps_state_dict_and_copies(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from generator import load_generator
 from generator.lightning_module import MaskGITModule, mask_tokens, masked_token_loss
 from titok_core.lr_schedule import warmup_cosine
-from titok_core.trainer import ema_callback
+from titok_core.trainer import ema_callback, ema_update
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +166,30 @@ def test_warmup_cosine_schedule():
 
 
 def test_ema_decay_schedule():
-    avg_fn = ema_callback(max_decay=0.999)._kwargs["avg_fn"]  # what AveragedModel calls per parameter
+    multi_avg_fn = ema_callback(max_decay=0.999)._kwargs["multi_avg_fn"]  # what AveragedModel calls per device
     for s in (0, 1, 5, 100, 989, 990, 5000):
         decay = min((1 + s) / (10 + s), 0.999)
-        averaged, current = torch.full((3,), 2.0), torch.full((3,), -1.0)
-        out = avg_fn(averaged, current, torch.tensor(s))
-        assert torch.allclose(out, torch.full((3,), 2.0 * decay - 1.0 * (1 - decay)), atol=1e-6), s
+        averaged, current = [torch.full((3,), 2.0), torch.full((2, 2), 4.0)], [torch.full((3,), -1.0), torch.zeros(2, 2)]
+        multi_avg_fn(averaged, current, torch.tensor(s))
+        assert torch.allclose(averaged[0], torch.full((3,), 2.0 * decay - 1.0 * (1 - decay)), atol=1e-6), s
+        assert torch.allclose(averaged[1], torch.full((2, 2), 4.0 * decay), atol=1e-6), s
+    counters = [torch.tensor(3)]  # an integer buffer is taken as it is
+    multi_avg_fn(counters, [torch.tensor(7)], torch.tensor(4))
+    assert counters[0].item() == 7
+
+
+def test_ema_update_of_the_tokenizer_is_the_decayed_average():
+    """titok_core.trainer.ema_update (the tokenizer's EMA): every parameter, with the decay of its step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    before = [p.detach().clone() for p in ema.parameters()]
+    for step in (0, 7, 2000):
+        ema_update(ema, model, step=step, max_decay=0.999)
+        decay = min((1 + step) / (10 + step), 0.999)
+        before = [decay * b + (1 - decay) * p.detach() for b, p in zip(before, model.parameters())]
+        for e, expected in zip(ema.parameters(), before):
+            torch.testing.assert_close(e.detach(), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_ema_through_averaged_model():

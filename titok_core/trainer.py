@@ -47,20 +47,27 @@ def ema_decay(num_updates, max_decay: float):
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, *, step: int, max_decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, with :func:`ema_decay` of ``step``."""
+    """ema <- decay * ema + (1 - decay) * model, with :func:`ema_decay` of ``step`` (one foreach call)."""
     decay = ema_decay(step, max_decay)
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def ema_callback(max_decay: float = 0.999) -> WeightAveraging:
-    """Lightning's WeightAveraging as an EMA with :func:`ema_decay`."""
+    """Lightning's WeightAveraging as an EMA with :func:`ema_decay`.
 
-    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        decay = ema_decay(num_averaged, max_decay).to(averaged.device)
-        return averaged * decay + current * (1 - decay)
+    The update is one foreach call over all the weights of a device and dtype (``multi_avg_fn``), not a
+    Python loop over the parameters: for a small network that loop cost more than the optimiser's step.
+    The decay stays a tensor on the device, so the update never waits for the device."""
 
-    return WeightAveraging(avg_fn=avg_fn)
+    def multi_avg_fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # integer buffers (counters) are taken as they are
+            torch._foreach_copy_(averaged, current)
+            return
+        decay = ema_decay(num_averaged, max_decay).to(averaged[0])  # 0-dim, on the weights' device and dtype
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - decay))
+
+    return WeightAveraging(multi_avg_fn=multi_avg_fn)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

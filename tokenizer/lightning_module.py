@@ -423,7 +423,9 @@ class TiTokModule(L.LightningModule):
 
         def adamw(named, lr):
             groups = param_groups(named, weight_decay=oc.weight_decay, no_decay_keys=official.NO_WEIGHT_DECAY_KEYS)
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(oc.betas))
+            # foreach on every device (PyTorch's default takes it on GPUs only): on a CPU the per-tensor loop
+            # cost more than the update. Not the fused kernel, which Lightning's precision plugins refuse to clip.
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(oc.betas), foreach=True)
 
         opt = adamw(self.model.named_parameters(), oc.lr)
         # hp.max_steps is read at each step: a time budget (FitScheduleToTime) moves the cosine's horizon.
